@@ -1,0 +1,423 @@
+"""Prefix-augmented attention: softmax attention over [prefix keys, sequence keys].
+
+Shapes (DESIGN.md): ``q`` (B, Hq, N, D); ``k``, ``v`` (B, Hkv, M, D) with ``Hq % Hkv == 0``
+(grouped-query attention: query head h reads key/value head ``h // (Hq // Hkv)``);
+``prefix_k``, ``prefix_v`` (Hkv, P, D) shared by the batch or (B, Hkv, P, D).
+
+Masking: every query sees every prefix key. Among sequence keys, ``causal=True`` is
+bottom-right aligned — query i sees key j iff ``j <= i + (M - N)`` — and ``attn_mask``
+(bool, True = attend) is either a key-padding mask (B, M) or a full mask
+(B, 1 or Hq, 1 or N, M). A query with no visible key outputs zeros, never NaN.
+
+This file holds, in order: the reference, the ``torch`` backend (forward and the
+exact backward), the ``torch.library`` custom ops with their fake and autograd
+registrations, and the public function. The Triton kernels live in
+``ops/triton_impl/prefix_attention.py`` so that importing this file never imports Triton.
+"""
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._checks import check_same, check_scalar, check_tensor, describe
+
+__all__ = ["prefix_attention", "prefix_attention_ref"]
+
+OP = "prefix_attention"
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _sequence_visibility(attn_mask: Tensor | None, causal: bool, n: int, m: int,
+                         device: torch.device) -> Tensor | None:
+    """Bool (B|1, Hq|1, N, M) mask of visible sequence keys, or None when all are visible."""
+    visible = None
+    if causal:
+        visible = torch.ones(n, m, dtype=torch.bool, device=device).tril(m - n)[None, None]
+    if attn_mask is not None:
+        keep = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+        visible = keep if visible is None else visible & keep
+    return visible
+
+
+def prefix_attention_ref(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None,
+                         prefix_v: Tensor | None = None, *, attn_mask: Tensor | None = None,
+                         causal: bool = True, scale: float | None = None, upcast: bool = True) -> Tensor:
+    """The definition, in plain PyTorch: explicit scores over the concatenated keys.
+
+    With ``upcast=True`` it computes in float64 (the reference every backend is tested
+    against); with ``upcast=False`` in the inputs' dtype (the "same-dtype PyTorch"
+    error yardstick of the tests). Returns (B, Hq, N, D) in ``q.dtype``.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    b, hq, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    keys, values = k.to(dtype), v.to(dtype)
+    if prefix_k is not None:
+        pk, pv = prefix_k.to(dtype), prefix_v.to(dtype)
+        if pk.dim() == 3:
+            pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+        keys, values = torch.cat([pk, keys], dim=2), torch.cat([pv, values], dim=2)
+    num_prefix = keys.shape[2] - m
+    keys = keys.repeat_interleave(groups, dim=1)
+    values = values.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.to(dtype), keys.transpose(-1, -2)) * scale
+    visible = _sequence_visibility(attn_mask, causal, n, m, q.device)
+    if visible is not None:
+        prefix_visible = torch.ones(1, 1, 1, num_prefix, dtype=torch.bool, device=q.device)
+        visible = torch.cat([prefix_visible.expand(*visible.shape[:3], -1), visible], dim=-1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    # Rows with nothing visible have all-zero weights: dividing by a clamped sum gives 0, not NaN.
+    probs = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    return torch.matmul(probs, values).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> tuple[Tensor | None, float]:
+    """Validate the public arguments; return the canonical mask and the scale."""
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
+    for name, t in (("k", k), ("v", v)):
+        check_same(name, t, "q", q)
+    b, hq, n, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, M, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b:
+        raise ValueError(f"k must have batch size {b} like q (B, Hq, N, D), got {describe(k)}")
+    hkv, m = k.shape[1], k.shape[2]
+    if k.shape[3] != d:
+        raise ValueError(f"k and v head dim must equal q's head dim {d}, got {k.shape[3]}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads must be a multiple of k/v heads (Hq % Hkv == 0), got Hq={hq}, Hkv={hkv}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if causal and m < n:
+        raise ValueError(f"causal=True needs at least as many keys as queries (M >= N, bottom-right aligned), "
+                         f"got N={n}, M={m}")
+    scale = d ** -0.5 if scale is None else check_scalar("scale", scale, low=0.0, low_open=True)
+
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k and prefix_v must be given together (both None or both tensors)")
+    if prefix_k is not None:
+        check_tensor("prefix_k", prefix_k, (3, 4))
+        check_tensor("prefix_v", prefix_v, (3, 4))
+        check_same("prefix_k", prefix_k, "q", q)
+        check_same("prefix_v", prefix_v, "q", q)
+        if prefix_k.shape != prefix_v.shape:
+            raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} "
+                             f"and {tuple(prefix_v.shape)}")
+        lead = (hkv,) if prefix_k.dim() == 3 else (b, hkv)
+        want = (*lead, prefix_k.shape[-2], d)
+        if tuple(prefix_k.shape) != want:
+            form = "(Hkv, P, D)" if prefix_k.dim() == 3 else "(B, Hkv, P, D)"
+            raise ValueError(f"prefix_k must be {form} = {want} for Hkv={hkv}, D={d}"
+                             f"{'' if prefix_k.dim() == 3 else f', B={b}'}, got {tuple(prefix_k.shape)}")
+
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask, (2, 4), floating=False)
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be a bool tensor (True = attend), got dtype {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        if attn_mask.dim() == 2:
+            if tuple(attn_mask.shape) != (b, m):
+                raise ValueError(f"a 2-D attn_mask is a key-padding mask (B, M) = {(b, m)}, "
+                                 f"got {tuple(attn_mask.shape)}")
+        else:
+            mb, mh, mn, mm = attn_mask.shape
+            if mb != b or mh not in (1, hq) or mn not in (1, n) or mm != m:
+                raise ValueError(f"a 4-D attn_mask must be (B, 1 or Hq, 1 or N, M) with B={b}, Hq={hq}, N={n}, "
+                                 f"M={m}, got {tuple(attn_mask.shape)}")
+            if mh == 1 and mn == 1:
+                attn_mask = attn_mask.reshape(b, m)
+    return attn_mask, scale
+
+
+# ----------------------------------------------------------------------------- torch backend
+#
+# The attention splits into parts whose softmaxes are merged with their log-sum-exps:
+# the prefix (a small explicit matmul, no mask), and the sequence keys. Under bottom-right
+# causal masking with M > N the sequence splits again, into the first M - N keys (visible
+# to every query) and a square N x N block that is top-left causal — exactly what the
+# fused SDPA kernels' is_causal flag computes, so no (N x M) mask is ever built for it.
+# The backward needs no per-part state: given the merged output O and log-sum-exp L,
+# every part's probabilities are exp(s - L) and delta = rowsum(dO * O) is global, which
+# is what the fused kernels' backward computes when handed O and L instead of their own.
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Part:
+    """A contiguous range of keys with one masking rule.
+
+    ``causal_offset``: key j (within the part) is visible to query i iff j <= i + offset;
+    None means no causal rule. ``keep``: bool (B, 1|Hq, 1|N, Mp), or None.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor, causal_offset: int | None, keep: Tensor | None):
+        self.k, self.v, self.causal_offset, self.keep = k, v, causal_offset, keep
+
+
+def _sequence_parts(k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool, n: int) -> list[_Part]:
+    m = k.shape[2]
+    keep = attn_mask[:, None, None, :] if attn_mask is not None and attn_mask.dim() == 2 else attn_mask
+    ranges = [(0, m - n, None), (m - n, m, 0)] if causal else [(0, m, None)]
+    parts = []
+    for start, stop, offset in ranges:
+        if stop > start:
+            part_keep = None if keep is None else keep[..., start:stop]
+            parts.append(_Part(k[:, :, start:stop], v[:, :, start:stop], offset, part_keep))
+    return parts
+
+
+def _use_fused_cpu(q: Tensor, part: _Part) -> bool:
+    # PyTorch's fused CPU flash kernel: top-left causal only, any float dtype, GQA natively.
+    return q.device.type == "cpu" and part.causal_offset in (None, 0) and part.k.dim() == 4
+
+
+def _additive(keep: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if keep is None:
+        return None
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
+def _rows_visible(keep: Tensor, causal_offset: int | None, n: int) -> Tensor:
+    """Bool (B, 1|Hq, N): whether query i sees any key of the part."""
+    if causal_offset is None:
+        return keep.any(dim=-1).expand(*keep.shape[:2], n)
+    mp = keep.shape[-1]
+    if keep.shape[2] == 1:  # key padding: query i sees keys [0, i + offset], so "any" is a prefix-or
+        seen = keep[:, :, 0].int().cummax(dim=-1).values.bool()
+        last = (torch.arange(n, device=keep.device) + causal_offset).clamp(max=mp - 1)
+        rows = seen[..., last]
+        return rows & (last >= 0)
+    tril = torch.ones(n, mp, dtype=torch.bool, device=keep.device).tril(causal_offset)
+    return (keep & tril).any(dim=-1)
+
+
+def _grouped(x: Tensor, hkv: int) -> Tensor:
+    """(B, Hq, N, D) -> (B, Hkv, G*N, D): the G query heads of one KV head stacked along rows."""
+    b, hq, n, d = x.shape
+    return x.reshape(b, hkv, (hq // hkv) * n, d)
+
+
+def _math_scores(q: Tensor, part: _Part, scale: float) -> Tensor:
+    """Masked scores (B, Hkv, G, N, Mp) in the accumulation dtype; K/V are never repeated."""
+    b, hq, n, _ = q.shape
+    k = part.k
+    hkv, mp = k.shape[-3], k.shape[-2]
+    acc = _acc_dtype(q.dtype)
+    scores = torch.matmul(_grouped(q, hkv).to(acc), k.to(acc).transpose(-1, -2)) * scale
+    scores = scores.view(b, hkv, hq // hkv, n, mp)
+    if part.causal_offset is not None:
+        tril = torch.ones(n, mp, dtype=torch.bool, device=q.device).tril(part.causal_offset)
+        scores = scores.masked_fill(~tril, float("-inf"))
+    if part.keep is not None:
+        keep = part.keep
+        keep = keep.reshape(b, hkv, hq // hkv, *keep.shape[2:]) if keep.shape[1] == hq else keep[:, :, None]
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def _part_forward(q: Tensor, part: _Part, scale: float) -> tuple[Tensor, Tensor]:
+    """One part's normalised output (B, Hq, N, D) and log-sum-exp (B, Hq, N); -inf where nothing is visible."""
+    b, hq, n, d = q.shape
+    if _use_fused_cpu(q, part):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, part.k, part.v, 0.0, part.causal_offset == 0,
+            attn_mask=_additive(part.keep, q.dtype), scale=scale)
+        if part.keep is not None:  # the fused kernel reports lse = 0 for rows it saw nothing in
+            rows = _rows_visible(part.keep, part.causal_offset, n)
+            lse = lse.masked_fill(~rows, float("-inf"))
+            out = out.masked_fill(~rows[..., None], 0.0)
+        return out, lse
+    scores = _math_scores(q, part, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)
+    probs = torch.exp(scores - safe[..., None])
+    hkv = part.k.shape[-3]
+    out = torch.matmul(probs.view(b, hkv, -1, probs.shape[-1]), part.v.to(probs.dtype))
+    return out.view(b, hq, n, d), lse.reshape(b, hq, n)
+
+
+def _merge(results: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    if len(results) == 1:
+        out, lse = results[0]
+        return out.to(dtype), lse.to(_acc_dtype(dtype))
+    acc = _acc_dtype(dtype)
+    lse = torch.logsumexp(torch.stack([r[1].to(acc) for r in results]), dim=0)
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)
+    out = None
+    for part_out, part_lse in results:
+        term = torch.exp(part_lse.to(acc) - safe)[..., None] * part_out.to(acc)
+        out = term if out is None else out.add_(term)
+    return out.to(dtype), lse
+
+
+def _prefix_part(prefix_k: Tensor | None, prefix_v: Tensor | None) -> _Part | None:
+    if prefix_k is None or prefix_k.shape[-2] == 0:
+        return None
+    return _Part(prefix_k, prefix_v, None, None)
+
+
+@backends.register(OP, "torch")
+def _torch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
+    n = q.shape[2]
+    parts = _sequence_parts(k, v, attn_mask, causal, n)
+    prefix = _prefix_part(prefix_k, prefix_v)
+    if prefix is not None:
+        parts.insert(0, prefix)
+    if not parts:  # M == 0 and no prefix: nothing to attend to
+        acc = _acc_dtype(q.dtype)
+        return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=acc)
+    return _merge([_part_forward(q, part, scale) for part in parts], q.dtype)
+
+
+def _part_backward(dout: Tensor, q: Tensor, part: _Part, scale: float, out: Tensor, lse_bwd: Tensor,
+                   delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one part, given the merged output and log-sum-exp."""
+    if _use_fused_cpu(q, part):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, part.k, part.v, out, lse_bwd,
+            0.0, part.causal_offset == 0, attn_mask=_additive(part.keep, q.dtype), scale=scale)
+    b, hq, n, d = q.shape
+    k, v = part.k, part.v
+    hkv, mp = k.shape[-3], k.shape[-2]
+    acc = _acc_dtype(q.dtype)
+    scores = _math_scores(q, part, scale)                                   # (B, Hkv, G, N, Mp)
+    probs = torch.exp(scores - lse_bwd.reshape(b, hkv, -1, n)[..., None])
+    probs = probs.view(b, hkv, -1, mp)                                      # (B, Hkv, G*N, Mp)
+    dout_g = _grouped(dout, hkv).to(acc)
+    dv = torch.matmul(probs.transpose(-1, -2), dout_g)
+    dp = torch.matmul(dout_g, v.to(acc).transpose(-1, -2))
+    ds = probs * (dp - _grouped(delta[..., None], hkv)) * scale
+    dq = torch.matmul(ds, k.to(acc)).view(b, hq, n, d)
+    dk = torch.matmul(ds.transpose(-1, -2), _grouped(q, hkv).to(acc))
+    if k.dim() == 3:  # shared by the batch: its gradient is the batch sum
+        dk, dv = dk.sum(0), dv.sum(0)
+    return dq, dk, dv
+
+
+@backends.register(OP, "torch", kind="backward")
+def _torch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale):
+    acc = _acc_dtype(q.dtype)
+    n, m = q.shape[2], k.shape[2]
+    # Rows that saw nothing (lse = -inf) have zero probability everywhere: +inf makes exp(s - L) = 0.
+    lse_bwd = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    start = 0
+    for part in _sequence_parts(k, v, attn_mask, causal, n):
+        stop = start + part.k.shape[2]
+        part_dq, part_dk, part_dv = _part_backward(dout, q, part, scale, out, lse_bwd, delta)
+        dq += part_dq
+        dk[:, :, start:stop] = part_dk
+        dv[:, :, start:stop] = part_dv
+        start = stop
+    assert start == m
+    prefix = _prefix_part(prefix_k, prefix_v)
+    if prefix is not None:
+        part_dq, dpk, dpv = _part_backward(dout, q, prefix, scale, out, lse_bwd, delta)
+        dq += part_dq
+    elif prefix_k is not None:
+        dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    else:  # two distinct tensors: custom-op outputs may not alias each other
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            dpk.to(q.dtype), dpv.to(q.dtype))
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("ptpeft::prefix_attention", mutates_args=())
+def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
+                         attn_mask: Tensor | None, causal: bool, scale: float,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    out, lse = backends.get_impl(OP, backend)(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
+    return out, lse
+
+
+@_prefix_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("ptpeft::prefix_attention_backward", mutates_args=())
+def _prefix_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None,
+                                  prefix_v: Tensor | None, attn_mask: Tensor | None, out: Tensor, lse: Tensor,
+                                  causal: bool, scale: float, backend: str
+                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.get_impl(OP, backend, kind="backward")
+    return impl(dout.contiguous(), q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
+
+
+@_prefix_attention_backward_op.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale, backend):
+    if prefix_k is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    else:
+        dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpk, dpv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attn_mask, out, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, prefix_k, prefix_v, attn_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = _prefix_attention_backward_op(
+        dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, ctx.causal, ctx.scale, ctx.backend)
+    if prefix_k is None:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None, None
+
+
+_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None,
+                     prefix_v: Tensor | None = None, *, attn_mask: Tensor | None = None, causal: bool = True,
+                     scale: float | None = None, backend: str | None = "auto") -> Tensor:
+    """Attention of ``q`` over the prefix keys followed by the sequence keys.
+
+    Args:
+        q: (B, Hq, N, D) queries.
+        k, v: (B, Hkv, M, D) sequence keys and values, ``Hq % Hkv == 0`` (GQA by index).
+        prefix_k, prefix_v: (Hkv, P, D) shared by the batch (gradient summed over it) or
+            (B, Hkv, P, D); P may be 0. Every query sees every prefix key.
+        attn_mask: bool, True = attend; covers sequence keys only: key padding (B, M) or
+            (B, 1 or Hq, 1 or N, M).
+        causal: bottom-right aligned — query i sees sequence key j iff ``j <= i + (M - N)``;
+            needs ``M >= N``.
+        scale: score scale, default ``D ** -0.5``.
+        backend: ``auto`` | ``cuda`` | ``triton`` | ``torch``; ``None`` reads ``PTPEFT_BACKEND``.
+
+    Returns:
+        (B, Hq, N, D) in ``q.dtype`` (the layout of ``scaled_dot_product_attention``);
+        a query with no visible key at all gets zeros.
+    """
+    attn_mask, scale = _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
+    name = backends.resolve(OP, backend, q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
+    return _prefix_attention_op(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, name)[0]
