@@ -16,15 +16,19 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _skip(reason: str) -> dict:
-    print(f"ptpeft_kernels: skipping the CUDA extension ({reason}); the triton and torch backends remain.",
-          file=sys.stderr)
+    print(
+        f"ptpeft_kernels: skipping the CUDA extension ({reason}); the triton and torch backends remain.",
+        file=sys.stderr,
+    )
     return {}
 
 
 def _cuda_extension_kwargs() -> dict:
     if os.environ.get("PTPEFT_SKIP_CUDA_BUILD", "0") == "1":
         return _skip("PTPEFT_SKIP_CUDA_BUILD=1")
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cu", ".cpp"))
+    sources = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cu", ".cpp")
+    )
     if not sources:
         return _skip("no sources under csrc/")
     try:

@@ -11,8 +11,9 @@ def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(name: str, t: object, ndim: int | tuple[int, ...] | None = None,
-                 floating: bool = True) -> torch.Tensor:
+def check_tensor(
+    name: str, t: object, ndim: int | tuple[int, ...] | None = None, floating: bool = True
+) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
@@ -28,9 +29,13 @@ def check_tensor(name: str, t: object, ndim: int | tuple[int, ...] | None = None
 def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """``t`` must share ``ref``'s dtype and device."""
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+        raise ValueError(
+            f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device"
+        )
     if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; cast them to one dtype")
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; cast them to one dtype"
+        )
 
 
 def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
@@ -38,8 +43,15 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
         raise ValueError(f"{name} must have {what} = {expected} at dim {dim}, got shape {tuple(t.shape)}")
 
 
-def check_scalar(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
+def check_scalar(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)

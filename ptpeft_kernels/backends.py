@@ -64,8 +64,9 @@ _loaded: set[str] = set()
 _logged_reasons: set[tuple[str, str, str]] = set()
 
 
-def register(op: str, backend: str, kind: str = "forward",
-             supports: Callable[..., str | None] | None = None) -> Callable[[Callable], Callable]:
+def register(
+    op: str, backend: str, kind: str = "forward", supports: Callable[..., str | None] | None = None
+) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as the ``kind`` ("forward", "backward", ...) of ``op`` on ``backend``."""
     if backend not in _AUTO_ORDER:
         raise ValueError(f"backend must be one of {_AUTO_ORDER}, got {backend!r}")

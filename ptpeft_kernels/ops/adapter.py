@@ -24,9 +24,18 @@ OP = "adapter"
 # ----------------------------------------------------------------------------- reference
 
 
-def adapter_ref(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
-                up_bias: Tensor | None, *, activation: str = "gelu", scaling: float = 1.0,
-                residual: Tensor | None = None, upcast: bool = True) -> Tensor:
+def adapter_ref(
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    *,
+    activation: str = "gelu",
+    scaling: float = 1.0,
+    residual: Tensor | None = None,
+    upcast: bool = True,
+) -> Tensor:
     """The definition in plain PyTorch (float64 when ``upcast``)."""
     dtype = torch.float64 if upcast else x.dtype
     h = x.to(dtype) @ down_weight.to(dtype).t()
@@ -54,9 +63,13 @@ def _check_args(x, down_weight, down_bias, up_weight, up_bias, activation, scali
     scaling = check_scalar("scaling", scaling)
     bottleneck, d_in = down_weight.shape
     if bottleneck == 0:
-        raise ValueError(f"down_weight must have at least one row (bottleneck >= 1), got {tuple(down_weight.shape)}")
+        raise ValueError(
+            f"down_weight must have at least one row (bottleneck >= 1), got {tuple(down_weight.shape)}"
+        )
     if x.shape[-1] != d_in:
-        raise ValueError(f"x must end with d_in = {d_in} (down_weight is {tuple(down_weight.shape)}), got {describe(x)}")
+        raise ValueError(
+            f"x must end with d_in = {d_in} (down_weight is {tuple(down_weight.shape)}), got {describe(x)}"
+        )
     check_dim("up_weight", up_weight, 1, bottleneck, "the bottleneck size")
     d_out = up_weight.shape[0]
     for name, bias, size in (("down_bias", down_bias, bottleneck), ("up_bias", up_bias, d_out)):
@@ -66,8 +79,10 @@ def _check_args(x, down_weight, down_bias, up_weight, up_bias, activation, scali
             check_dim(name, bias, 0, size, "size")
     if residual is None:
         if d_out != d_in:
-            raise ValueError(f"without residual, up_weight must map back to d_in = {d_in}, "
-                             f"got up_weight {tuple(up_weight.shape)}")
+            raise ValueError(
+                f"without residual, up_weight must map back to d_in = {d_in}, "
+                f"got up_weight {tuple(up_weight.shape)}"
+            )
     else:
         check_tensor("residual", residual)
         check_same("residual", residual, "x", x)
@@ -95,8 +110,9 @@ def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, activation, sc
 
 
 @backends.register(OP, "torch", kind="backward")
-def _torch_backward(dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling,
-                    has_residual, needs):
+def _torch_backward(
+    dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs
+):
     need_x, need_wd, need_bd, need_wu, need_bu = needs
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
@@ -125,9 +141,17 @@ def _torch_backward(dy, x, down_weight, down_bias, up_weight, up_bias, h, activa
 
 
 @torch.library.custom_op("ptpeft::adapter", mutates_args=())
-def _adapter_op(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
-                up_bias: Tensor | None, activation: str, scaling: float, residual: Tensor | None,
-                backend: str) -> tuple[Tensor, Tensor]:
+def _adapter_op(
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    activation: str,
+    scaling: float,
+    residual: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     impl = backends.get_impl(OP, backend)
     return impl(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual)
 
@@ -139,16 +163,30 @@ def _(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residu
 
 
 @torch.library.custom_op("ptpeft::adapter_backward", mutates_args=())
-def _adapter_backward_op(dy: Tensor, x: Tensor, down_weight: Tensor, down_bias: Tensor | None,
-                         up_weight: Tensor, up_bias: Tensor | None, h: Tensor, activation: str, scaling: float,
-                         has_residual: bool, needs: list[bool], backend: str
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _adapter_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    h: Tensor,
+    activation: str,
+    scaling: float,
+    has_residual: bool,
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.get_impl(OP, backend, kind="backward")
-    return impl(dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs)
+    return impl(
+        dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs
+    )
 
 
 @_adapter_backward_op.register_fake
-def _(dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs, backend):
+def _(
+    dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs, backend
+):
     shapes = (x.shape, down_weight.shape, (down_weight.shape[0],), up_weight.shape, (up_weight.shape[0],))
     return tuple(x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs, strict=True))
 
@@ -165,10 +203,27 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dh):
     x, down_weight, down_bias, up_weight, up_bias, h = ctx.saved_tensors
     n = ctx.needs_input_grad
-    needs = [bool(n[0]), bool(n[1]), down_bias is not None and bool(n[2]), bool(n[3]),
-             up_bias is not None and bool(n[4])]
-    grads = _adapter_backward_op(dy, x, down_weight, down_bias, up_weight, up_bias, h, ctx.activation,
-                                 ctx.scaling, ctx.has_residual, needs, ctx.backend)
+    needs = [
+        bool(n[0]),
+        bool(n[1]),
+        down_bias is not None and bool(n[2]),
+        bool(n[3]),
+        up_bias is not None and bool(n[4]),
+    ]
+    grads = _adapter_backward_op(
+        dy,
+        x,
+        down_weight,
+        down_bias,
+        up_weight,
+        up_bias,
+        h,
+        ctx.activation,
+        ctx.scaling,
+        ctx.has_residual,
+        needs,
+        ctx.backend,
+    )
     dx, dwd, dbd, dwu, dbu = (g if need else None for g, need in zip(grads, needs, strict=True))
     dres = dy if ctx.has_residual and n[7] else None  # the residual enters as an identity
     return dx, dwd, dbd, dwu, dbu, None, None, dres, None
@@ -180,9 +235,18 @@ _adapter_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public function
 
 
-def adapter(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
-            up_bias: Tensor | None, *, activation: str = "gelu", scaling: float = 1.0,
-            residual: Tensor | None = None, backend: str | None = "auto") -> Tensor:
+def adapter(
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    *,
+    activation: str = "gelu",
+    scaling: float = 1.0,
+    residual: Tensor | None = None,
+    backend: str | None = "auto",
+) -> Tensor:
     """``residual + scaling * (act(x Wd^T + bd) Wu^T + bu)``.
 
     Args:
@@ -198,6 +262,7 @@ def adapter(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight:
         (..., d_out) in ``x.dtype``.
     """
     scaling = _check_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual)
-    name = backends.resolve(OP, backend, x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
-                            residual)
+    name = backends.resolve(
+        OP, backend, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual
+    )
     return _adapter_op(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, name)[0]

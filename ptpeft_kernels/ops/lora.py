@@ -38,10 +38,19 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -
     return torch.rand(shape, generator=generator, device=device) >= p
 
 
-def lora_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                    scaling: float, *, dropout_keep: Tensor | None = None, dropout_p: float = 0.0,
-                    upcast: bool = True) -> Tensor:
-    """The definition in plain PyTorch (float64 when ``upcast``); ``dropout_keep`` is an explicit bool mask."""
+def lora_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    *,
+    dropout_keep: Tensor | None = None,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+) -> Tensor:
+    """The definition in plain PyTorch (float64 when ``upcast``); ``dropout_keep``: explicit bool mask."""
     dtype = torch.float64 if upcast else x.dtype
     xc = x.to(dtype)
     y = xc @ weight.to(dtype).t()
@@ -61,13 +70,14 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple[fl
     check_tensor("lora_A", lora_A, 2)
     check_tensor("lora_B", lora_B, 2)
     if x.dim() < 1:
-        raise ValueError(f"x must be (..., in_features), got a 0-D tensor")
+        raise ValueError("x must be (..., in_features), got a 0-D tensor")
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         check_same(name, t, "x", x)
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
-        raise ValueError(f"x must end with in_features = {in_f} (weight is {tuple(weight.shape)}), "
-                         f"got {describe(x)}")
+        raise ValueError(
+            f"x must end with in_features = {in_f} (weight is {tuple(weight.shape)}), got {describe(x)}"
+        )
     rank = lora_A.shape[0]
     if rank == 0:
         raise ValueError(f"lora_A must have rank r >= 1 rows, got {tuple(lora_A.shape)}")
@@ -117,7 +127,7 @@ def _torch_backward(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, 
     dx, dw, db, da, dbb = (x.new_empty(0) for _ in range(5))
     if need_x or need_a:
         keep = _torch_dropout_mask(x2.shape, dropout_p, seed, x2.device)  # regenerated once, not stored
-        dh = (dy2 @ lora_B).mul_(scaling)                                  # tokens x r
+        dh = (dy2 @ lora_B).mul_(scaling)  # tokens x r
         if need_x:
             dx = dy2 @ weight
             if keep is None:
@@ -140,8 +150,17 @@ def _torch_backward(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, 
 
 
 @torch.library.custom_op("ptpeft::lora_linear", mutates_args=())
-def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                    scaling: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+def _lora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     return backends.get_impl(OP, backend)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -152,9 +171,20 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
 
 
 @torch.library.custom_op("ptpeft::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
-                             lora_B: Tensor, h: Tensor, scaling: float, dropout_p: float, seed: int,
-                             needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _lora_linear_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    h: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, needs)
 
@@ -178,8 +208,9 @@ def _backward(ctx, dy, _dh):
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if bias is None:
         needs[2] = False
-    grads = _lora_linear_backward_op(dy, x, weight, bias, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p,
-                                     ctx.seed, needs, ctx.backend)
+    grads = _lora_linear_backward_op(
+        dy, x, weight, bias, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, ctx.seed, needs, ctx.backend
+    )
     grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
     return (*grads, None, None, None, None)
 
@@ -190,8 +221,17 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public function
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, *, dropout_p: float = 0.0, backend: str | None = "auto") -> Tensor:
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    backend: str | None = "auto",
+) -> Tensor:
     """``x W^T + b + scaling * (dropout(x) A^T) B^T`` with one output-sized allocation.
 
     Args:

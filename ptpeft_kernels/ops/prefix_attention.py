@@ -29,8 +29,9 @@ OP = "prefix_attention"
 # ----------------------------------------------------------------------------- reference
 
 
-def _sequence_visibility(attn_mask: Tensor | None, causal: bool, n: int, m: int,
-                         device: torch.device) -> Tensor | None:
+def _sequence_visibility(
+    attn_mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device
+) -> Tensor | None:
     """Bool (B|1, Hq|1, N, M) mask of visible sequence keys, or None when all are visible."""
     visible = None
     if causal:
@@ -41,9 +42,18 @@ def _sequence_visibility(attn_mask: Tensor | None, causal: bool, n: int, m: int,
     return visible
 
 
-def prefix_attention_ref(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None,
-                         prefix_v: Tensor | None = None, *, attn_mask: Tensor | None = None,
-                         causal: bool = True, scale: float | None = None, upcast: bool = True) -> Tensor:
+def prefix_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    *,
+    attn_mask: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> Tensor:
     """The definition, in plain PyTorch: explicit scores over the concatenated keys.
 
     With ``upcast=True`` it computes in float64 (the reference every backend is tested
@@ -54,7 +64,7 @@ def prefix_attention_ref(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | Non
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
     groups = hq // hkv
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     keys, values = k.to(dtype), v.to(dtype)
     if prefix_k is not None:
         pk, pv = prefix_k.to(dtype), prefix_v.to(dtype)
@@ -90,7 +100,9 @@ def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> tuple[
         check_same(name, t, "q", q)
     b, hq, n, d = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, M, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape (B, Hkv, M, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if k.shape[0] != b:
         raise ValueError(f"k must have batch size {b} like q (B, Hq, N, D), got {describe(k)}")
     hkv, m = k.shape[1], k.shape[2]
@@ -101,9 +113,11 @@ def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> tuple[
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     if causal and m < n:
-        raise ValueError(f"causal=True needs at least as many keys as queries (M >= N, bottom-right aligned), "
-                         f"got N={n}, M={m}")
-    scale = d ** -0.5 if scale is None else check_scalar("scale", scale, low=0.0, low_open=True)
+        raise ValueError(
+            f"causal=True needs at least as many keys as queries (M >= N, bottom-right aligned), "
+            f"got N={n}, M={m}"
+        )
+    scale = d**-0.5 if scale is None else check_scalar("scale", scale, low=0.0, low_open=True)
 
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_k and prefix_v must be given together (both None or both tensors)")
@@ -113,14 +127,18 @@ def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> tuple[
         check_same("prefix_k", prefix_k, "q", q)
         check_same("prefix_v", prefix_v, "q", q)
         if prefix_k.shape != prefix_v.shape:
-            raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} "
-                             f"and {tuple(prefix_v.shape)}")
+            raise ValueError(
+                f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} "
+                f"and {tuple(prefix_v.shape)}"
+            )
         lead = (hkv,) if prefix_k.dim() == 3 else (b, hkv)
         want = (*lead, prefix_k.shape[-2], d)
         if tuple(prefix_k.shape) != want:
             form = "(Hkv, P, D)" if prefix_k.dim() == 3 else "(B, Hkv, P, D)"
-            raise ValueError(f"prefix_k must be {form} = {want} for Hkv={hkv}, D={d}"
-                             f"{'' if prefix_k.dim() == 3 else f', B={b}'}, got {tuple(prefix_k.shape)}")
+            raise ValueError(
+                f"prefix_k must be {form} = {want} for Hkv={hkv}, D={d}"
+                f"{'' if prefix_k.dim() == 3 else f', B={b}'}, got {tuple(prefix_k.shape)}"
+            )
 
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, (2, 4), floating=False)
@@ -130,13 +148,16 @@ def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> tuple[
             raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
         if attn_mask.dim() == 2:
             if tuple(attn_mask.shape) != (b, m):
-                raise ValueError(f"a 2-D attn_mask is a key-padding mask (B, M) = {(b, m)}, "
-                                 f"got {tuple(attn_mask.shape)}")
+                raise ValueError(
+                    f"a 2-D attn_mask is a key-padding mask (B, M) = {(b, m)}, got {tuple(attn_mask.shape)}"
+                )
         else:
             mb, mh, mn, mm = attn_mask.shape
             if mb != b or mh not in (1, hq) or mn not in (1, n) or mm != m:
-                raise ValueError(f"a 4-D attn_mask must be (B, 1 or Hq, 1 or N, M) with B={b}, Hq={hq}, N={n}, "
-                                 f"M={m}, got {tuple(attn_mask.shape)}")
+                raise ValueError(
+                    f"a 4-D attn_mask must be (B, 1 or Hq, 1 or N, M) with B={b}, Hq={hq}, N={n}, "
+                    f"M={m}, got {tuple(attn_mask.shape)}"
+                )
             if mh == 1 and mn == 1:
                 attn_mask = attn_mask.reshape(b, m)
     return attn_mask, scale
@@ -231,12 +252,18 @@ def _math_scores(q: Tensor, part: _Part, scale: float) -> Tensor:
 
 
 def _part_forward(q: Tensor, part: _Part, scale: float) -> tuple[Tensor, Tensor]:
-    """One part's normalised output (B, Hq, N, D) and log-sum-exp (B, Hq, N); -inf where nothing is visible."""
+    """One part's normalised output (B, Hq, N, D) and log-sum-exp (B, Hq, N); -inf where nothing is seen."""
     b, hq, n, d = q.shape
     if _use_fused_cpu(q, part):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, part.k, part.v, 0.0, part.causal_offset == 0,
-            attn_mask=_additive(part.keep, q.dtype), scale=scale)
+            q,
+            part.k,
+            part.v,
+            0.0,
+            part.causal_offset == 0,
+            attn_mask=_additive(part.keep, q.dtype),
+            scale=scale,
+        )
         if part.keep is not None:  # the fused kernel reports lse = 0 for rows it saw nothing in
             rows = _rows_visible(part.keep, part.causal_offset, n)
             lse = lse.masked_fill(~rows, float("-inf"))
@@ -284,20 +311,30 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
     return _merge([_part_forward(q, part, scale) for part in parts], q.dtype)
 
 
-def _part_backward(dout: Tensor, q: Tensor, part: _Part, scale: float, out: Tensor, lse_bwd: Tensor,
-                   delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _part_backward(
+    dout: Tensor, q: Tensor, part: _Part, scale: float, out: Tensor, lse_bwd: Tensor, delta: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of one part, given the merged output and log-sum-exp."""
     if _use_fused_cpu(q, part):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, part.k, part.v, out, lse_bwd,
-            0.0, part.causal_offset == 0, attn_mask=_additive(part.keep, q.dtype), scale=scale)
+            dout,
+            q,
+            part.k,
+            part.v,
+            out,
+            lse_bwd,
+            0.0,
+            part.causal_offset == 0,
+            attn_mask=_additive(part.keep, q.dtype),
+            scale=scale,
+        )
     b, hq, n, d = q.shape
     k, v = part.k, part.v
     hkv, mp = k.shape[-3], k.shape[-2]
     acc = _acc_dtype(q.dtype)
-    scores = _math_scores(q, part, scale)                                   # (B, Hkv, G, N, Mp)
+    scores = _math_scores(q, part, scale)  # (B, Hkv, G, N, Mp)
     probs = torch.exp(scores - lse_bwd.reshape(b, hkv, -1, n)[..., None])
-    probs = probs.view(b, hkv, -1, mp)                                      # (B, Hkv, G*N, Mp)
+    probs = probs.view(b, hkv, -1, mp)  # (B, Hkv, G*N, Mp)
     dout_g = _grouped(dout, hkv).to(acc)
     dv = torch.matmul(probs.transpose(-1, -2), dout_g)
     dp = torch.matmul(dout_g, v.to(acc).transpose(-1, -2))
@@ -336,17 +373,24 @@ def _torch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, caus
         dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     else:  # two distinct tensors: custom-op outputs may not alias each other
         dpk, dpv = q.new_empty(0), q.new_empty(0)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            dpk.to(q.dtype), dpv.to(q.dtype))
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(q.dtype), dpv.to(q.dtype))
 
 
 # ----------------------------------------------------------------------------- custom ops
 
 
 @torch.library.custom_op("ptpeft::prefix_attention", mutates_args=())
-def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
-                         attn_mask: Tensor | None, causal: bool, scale: float,
-                         backend: str) -> tuple[Tensor, Tensor]:
+def _prefix_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    attn_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     out, lse = backends.get_impl(OP, backend)(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     return out, lse
 
@@ -357,10 +401,20 @@ def _(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, backend):
 
 
 @torch.library.custom_op("ptpeft::prefix_attention_backward", mutates_args=())
-def _prefix_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None,
-                                  prefix_v: Tensor | None, attn_mask: Tensor | None, out: Tensor, lse: Tensor,
-                                  causal: bool, scale: float, backend: str
-                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _prefix_attention_backward_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    attn_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(dout.contiguous(), q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
 
@@ -385,7 +439,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, prefix_k, prefix_v, attn_mask, out, lse = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = _prefix_attention_backward_op(
-        dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, ctx.causal, ctx.scale, ctx.backend)
+        dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, ctx.causal, ctx.scale, ctx.backend
+    )
     if prefix_k is None:
         dpk = dpv = None
     return dq, dk, dv, dpk, dpv, None, None, None, None
@@ -397,9 +452,18 @@ _prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public function
 
 
-def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None,
-                     prefix_v: Tensor | None = None, *, attn_mask: Tensor | None = None, causal: bool = True,
-                     scale: float | None = None, backend: str | None = "auto") -> Tensor:
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    *,
+    attn_mask: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str | None = "auto",
+) -> Tensor:
     """Attention of ``q`` over the prefix keys followed by the sequence keys.
 
     Args:
