@@ -2,7 +2,8 @@
 
 Backends, by preference under ``auto``: ``cuda`` (the compiled extension
 ``ptpeft_kernels._C``), ``triton`` (on CUDA tensors; on CPU tensors only when
-``TRITON_INTERPRET=1`` and asked for explicitly) and ``torch`` (pure PyTorch, runs
+``TRITON_INTERPRET=1`` and asked for explicitly — ``auto`` never picks a backend other
+than ``torch`` for CPU tensors) and ``torch`` (pure PyTorch, runs
 everywhere). A backend is chosen per call from ``backend=`` or, when that is ``None``,
 the ``PTPEFT_BACKEND`` environment variable (default ``auto``).
 
@@ -132,6 +133,13 @@ def _call_reason(op: str, backend: str, args: tuple, kwargs: dict) -> str | None
     return impl.supports(*args, **kwargs) if impl.supports is not None else None
 
 
+def _first_tensor_device(args: tuple, kwargs: dict) -> str | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return None
+
+
 def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> str:
     """The concrete backend that runs ``op`` on these arguments.
 
@@ -143,8 +151,13 @@ def resolve(op: str, backend: str | None, *args: Any, **kwargs: Any) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"backend={backend!r} cannot run {op} here: {reason}")
         return backend
+    on_cuda = _first_tensor_device(args, kwargs) == "cuda"
     for candidate in _AUTO_ORDER:
-        reason = _call_reason(op, candidate, args, kwargs)
+        if candidate != "torch" and not on_cuda:
+            # Triton runs CPU tensors only in its slow interpreter: a testing tool, never an automatic choice.
+            reason = "the tensors are not on a CUDA device"
+        else:
+            reason = _call_reason(op, candidate, args, kwargs)
         if reason is None:
             return candidate
         key = (op, candidate, reason)
