@@ -202,6 +202,11 @@ def _sequence_parts(k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool
     return parts
 
 
+def _unit_last_stride(t: Tensor) -> Tensor:
+    # The fused CPU kernels read rows as dense vectors: a strided last dim gives wrong results, not an error.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _use_fused_cpu(q: Tensor, part: _Part) -> bool:
     # PyTorch's fused CPU flash kernel: top-left causal only, any float dtype, GQA natively.
     return q.device.type == "cpu" and part.causal_offset in (None, 0) and part.k.dim() == 4
@@ -256,9 +261,9 @@ def _part_forward(q: Tensor, part: _Part, scale: float) -> tuple[Tensor, Tensor]
     b, hq, n, d = q.shape
     if _use_fused_cpu(q, part):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q,
-            part.k,
-            part.v,
+            _unit_last_stride(q),
+            _unit_last_stride(part.k),
+            _unit_last_stride(part.v),
             0.0,
             part.causal_offset == 0,
             attn_mask=_additive(part.keep, q.dtype),
@@ -318,10 +323,10 @@ def _part_backward(
     if _use_fused_cpu(q, part):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout,
-            q,
-            part.k,
-            part.v,
-            out,
+            _unit_last_stride(q),
+            _unit_last_stride(part.k),
+            _unit_last_stride(part.v),
+            _unit_last_stride(out),
             lse_bwd,
             0.0,
             part.causal_offset == 0,
