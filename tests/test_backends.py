@@ -1,0 +1,53 @@
+"""The backend registry: names, the environment variable, availability and fallback."""
+
+import pytest
+import torch
+
+import ptpeft_kernels as pk
+from ptpeft_kernels import backends
+
+
+def test_torch_is_always_available_and_listed_in_preference_order():
+    names = pk.available_backends()
+    assert names[-1] == "torch"
+    assert names == [b for b in ("cuda", "triton", "torch") if b in names]
+
+
+def test_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = backends._machine_reason("triton")
+    if torch.cuda.is_available():
+        assert reason is None or "not installed" in reason
+    else:
+        assert reason is not None and "TRITON_INTERPRET" in reason
+        assert "triton" not in pk.available_backends()
+
+
+def test_environment_variable_selects_the_backend(monkeypatch):
+    monkeypatch.setenv("PTPEFT_BACKEND", "torch")
+    assert backends.requested_backend(None) == "torch"
+    monkeypatch.setenv("PTPEFT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="PTPEFT_BACKEND must be one of"):
+        backends.requested_backend(None)
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="PTPEFT_BACKEND must be one of"):
+        pk.prefix_attention(q, q, q, backend=None)
+
+
+def test_auto_uses_torch_for_cpu_tensors():
+    q = torch.randn(1, 2, 3, 8)
+    assert backends.resolve("prefix_attention", "auto", q, q, q) == "torch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
+def test_explicit_cuda_backend_raises_on_a_machine_without_it():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(pk.BackendUnavailableError, match="backend='cuda' cannot run prefix_attention"):
+        pk.prefix_attention(q, q, q, backend="cuda")
+
+
+def test_unknown_kind_and_backend_names_raise():
+    with pytest.raises(pk.BackendUnavailableError, match="no nonsense implementation"):
+        backends.get_impl("lora_linear", "torch", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.register("lora_linear", "auto")
