@@ -244,15 +244,16 @@ def _math_scores(q: Tensor, part: _Part, scale: float) -> Tensor:
     k = part.k
     hkv, mp = k.shape[-3], k.shape[-2]
     acc = _acc_dtype(q.dtype)
-    scores = torch.matmul(_grouped(q, hkv).to(acc), k.to(acc).transpose(-1, -2)) * scale
+    # In-place from here on: each (B, H, N, Mp) temporary counts against peak memory.
+    scores = torch.matmul(_grouped(q, hkv).to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)
     scores = scores.view(b, hkv, hq // hkv, n, mp)
     if part.causal_offset is not None:
         tril = torch.ones(n, mp, dtype=torch.bool, device=q.device).tril(part.causal_offset)
-        scores = scores.masked_fill(~tril, float("-inf"))
+        scores.masked_fill_(~tril, float("-inf"))
     if part.keep is not None:
         keep = part.keep
         keep = keep.reshape(b, hkv, hq // hkv, *keep.shape[2:]) if keep.shape[1] == hq else keep[:, :, None]
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores.masked_fill_(~keep, float("-inf"))
     return scores
 
 
@@ -277,7 +278,7 @@ def _part_forward(q: Tensor, part: _Part, scale: float) -> tuple[Tensor, Tensor]
     scores = _math_scores(q, part, scale)
     lse = torch.logsumexp(scores, dim=-1)
     safe = lse.masked_fill(torch.isinf(lse), 0.0)
-    probs = torch.exp(scores - safe[..., None])
+    probs = scores.sub_(safe[..., None]).exp_()
     hkv = part.k.shape[-3]
     out = torch.matmul(probs.view(b, hkv, -1, probs.shape[-1]), part.v.to(probs.dtype))
     return out.view(b, hq, n, d), lse.reshape(b, hq, n)
@@ -316,69 +317,82 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
     return _merge([_part_forward(q, part, scale) for part in parts], q.dtype)
 
 
-def _part_backward(
-    dout: Tensor, q: Tensor, part: _Part, scale: float, out: Tensor, lse_bwd: Tensor, delta: Tensor
+def _fused_part_backward(
+    dout: Tensor, q: Tensor, part: _Part, scale: float, out: Tensor, lse_bwd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of one part, given the merged output and log-sum-exp."""
-    if _use_fused_cpu(q, part):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout,
-            _unit_last_stride(q),
-            _unit_last_stride(part.k),
-            _unit_last_stride(part.v),
-            _unit_last_stride(out),
-            lse_bwd,
-            0.0,
-            part.causal_offset == 0,
-            attn_mask=_additive(part.keep, q.dtype),
-            scale=scale,
-        )
+    """(dq, dk, dv) of one part from the fused CPU kernel, handed the merged output and log-sum-exp."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout,
+        _unit_last_stride(q),
+        _unit_last_stride(part.k),
+        _unit_last_stride(part.v),
+        _unit_last_stride(out),
+        lse_bwd,
+        0.0,
+        part.causal_offset == 0,
+        attn_mask=_additive(part.keep, q.dtype),
+        scale=scale,
+    )
+
+
+def _math_part_backward(
+    dout: Tensor, q: Tensor, part: _Part, scale: float, lse_bwd: Tensor, delta: Tensor, dq: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(dk, dv) of one part computed explicitly; its dq is accumulated into ``dq`` (contiguous, in place)."""
     b, hq, n, d = q.shape
     k, v = part.k, part.v
     hkv, mp = k.shape[-3], k.shape[-2]
     acc = _acc_dtype(q.dtype)
     scores = _math_scores(q, part, scale)  # (B, Hkv, G, N, Mp)
-    probs = torch.exp(scores - lse_bwd.reshape(b, hkv, -1, n)[..., None])
+    probs = scores.sub_(lse_bwd.reshape(b, hkv, -1, n)[..., None]).exp_()
     probs = probs.view(b, hkv, -1, mp)  # (B, Hkv, G*N, Mp)
     dout_g = _grouped(dout, hkv).to(acc)
     dv = torch.matmul(probs.transpose(-1, -2), dout_g)
     dp = torch.matmul(dout_g, v.to(acc).transpose(-1, -2))
-    ds = probs * (dp - _grouped(delta[..., None], hkv)) * scale
-    dq = torch.matmul(ds, k.to(acc)).view(b, hq, n, d)
+    ds = dp.sub_(_grouped(delta[..., None], hkv)).mul_(probs).mul_(scale)
+    keys = k.to(acc).expand(b, hkv, mp, d).reshape(b * hkv, mp, d)  # a copy only for a shared (small) prefix
+    dq.view(b * hkv, -1, d).baddbmm_(ds.view(b * hkv, -1, mp), keys)  # no (B, Hq, N, D) temporary
     dk = torch.matmul(ds.transpose(-1, -2), _grouped(q, hkv).to(acc))
     if k.dim() == 3:  # shared by the batch: its gradient is the batch sum
         dk, dv = dk.sum(0), dv.sum(0)
-    return dq, dk, dv
+    return dk, dv
 
 
 @backends.register(OP, "torch", kind="backward")
 def _torch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale):
     acc = _acc_dtype(q.dtype)
-    n, m = q.shape[2], k.shape[2]
     # Rows that saw nothing (lse = -inf) have zero probability everywhere: +inf makes exp(s - L) = 0.
     lse_bwd = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    start = 0
-    for part in _sequence_parts(k, v, attn_mask, causal, n):
-        stop = start + part.k.shape[2]
-        part_dq, part_dk, part_dv = _part_backward(dout, q, part, scale, out, lse_bwd, delta)
-        dq += part_dq
-        dk[:, :, start:stop] = part_dk
-        dv[:, :, start:stop] = part_dv
-        start = stop
-    assert start == m
     prefix = _prefix_part(prefix_k, prefix_v)
+    parts = _sequence_parts(k, v, attn_mask, causal, q.shape[2]) + ([prefix] if prefix is not None else [])
+    fused = [_use_fused_cpu(q, part) for part in parts]
+    dk_parts, dv_parts = [None] * len(parts), [None] * len(parts)
+    # Fused parts first: their dq is summed in place (>= float32); explicit parts then accumulate into it.
+    dq = None
+    for i, part in enumerate(parts):
+        if fused[i]:
+            part_dq, dk_parts[i], dv_parts[i] = _fused_part_backward(dout, q, part, scale, out, lse_bwd)
+            dq = part_dq.to(acc) if dq is None else dq.add_(part_dq)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device) if dq is None else dq.contiguous()
+    if not all(fused):
+        delta = torch.matmul(dout.to(acc).unsqueeze(-2), out.to(acc).unsqueeze(-1))[..., 0, 0]  # rowsum(dO*O)
+        for i, part in enumerate(parts):
+            if not fused[i]:
+                dk_parts[i], dv_parts[i] = _math_part_backward(dout, q, part, scale, lse_bwd, delta, dq)
     if prefix is not None:
-        part_dq, dpk, dpv = _part_backward(dout, q, prefix, scale, out, lse_bwd, delta)
-        dq += part_dq
-    elif prefix_k is not None:
+        dpk, dpv = dk_parts.pop(), dv_parts.pop()
+    elif prefix_k is not None:  # P = 0
         dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     else:  # two distinct tensors: custom-op outputs may not alias each other
         dpk, dpv = q.new_empty(0), q.new_empty(0)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(q.dtype), dpv.to(q.dtype))
+    return dq.to(q.dtype), _join(dk_parts, k), _join(dv_parts, v), dpk.to(q.dtype), dpv.to(q.dtype)
+
+
+def _join(grads: list[Tensor], like: Tensor) -> Tensor:
+    """The sequence-key gradient from its parts' (no copy for a single part)."""
+    if not grads:
+        return torch.zeros_like(like)
+    return (grads[0] if len(grads) == 1 else torch.cat(grads, dim=2)).to(like.dtype)
 
 
 # ----------------------------------------------------------------------------- custom ops

@@ -1,0 +1,260 @@
+"""Shared benchmark harness: timing, peak memory, the results table and the CSV log.
+
+Timing: ``repeats`` runs after ``warmup`` runs; reported as median, p20 and p80 in
+milliseconds (CUDA runs are synchronised around each call). Peak memory: on CUDA,
+``torch.cuda.max_memory_allocated`` above what was allocated before the call; on the
+CPU, the high-water mark of the allocator events PyTorch's profiler records during the
+call (every tensor allocation, including those inside fused kernels), again above the
+starting point. Memory is measured in a separate run from timing so the profiler's
+overhead never reaches the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODES = ("forward", "backward", "full")
+
+
+@dataclass
+class Row:
+    benchmark: str
+    provider: str
+    mode: str
+    shape: str
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mib: float
+    tflops: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return f"{model or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}"]
+    for name in ("triton", "transformers", "peft"):
+        try:
+            module = __import__(name)
+            parts.append(f"{name} {module.__version__}")
+        except ImportError:
+            pass
+    import ptpeft_kernels
+
+    parts.append(f"ptpeft_kernels {ptpeft_kernels.__version__}")
+    return ", ".join(parts)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak bytes allocated during ``fn`` above the level at its start, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def measure(
+    benchmark: str,
+    provider: str,
+    mode: str,
+    shape: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    fn: Callable[[], object],
+    warmup: int,
+    repeats: int,
+    flops: float | None = None,
+) -> Row:
+    times = time_ms(fn, device, warmup, repeats)
+    median = statistics.median(times)
+    return Row(
+        benchmark,
+        provider,
+        mode,
+        shape,
+        str(dtype).replace("torch.", ""),
+        median,
+        quantile(times, 0.2),
+        quantile(times, 0.8),
+        peak_memory_mib(fn, device),
+        None if flops is None else flops / (median * 1e-3) / 1e12,
+    )
+
+
+def print_table(rows: list[Row], baseline: str | None = None) -> None:
+    """Rows grouped by mode; ``vs <baseline>`` is the time ratio (lower is faster) to that provider."""
+    header = (
+        f"{'mode':9} {'provider':22} {'median ms':>10} {'p20':>9} {'p80':>9} {'peak MiB':>9} {'TFLOP/s':>8}"
+    )
+    if baseline:
+        header += f" {'vs ' + baseline:>14}"
+    print(header)
+    print("-" * len(header))
+    for mode in MODES:
+        group = [r for r in rows if r.mode == mode]
+        base = next((r for r in group if r.provider == baseline), None)
+        for r in group:
+            line = (
+                f"{r.mode:9} {r.provider:22} {r.median_ms:10.3f} {r.p20_ms:9.3f} {r.p80_ms:9.3f} "
+                f"{r.peak_mib:9.1f} {'' if r.tflops is None else f'{r.tflops:8.3f}':>8}"
+            )
+            if baseline:
+                ratio = "" if base is None else f"{r.median_ms / base.median_ms:.3f}x"
+                line += f" {ratio:>14}"
+            print(line)
+
+
+def append_csv(rows: list[Row], path: Path, device: torch.device) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    meta = {
+        "timestamp": stamp,
+        "device": device_name(device),
+        "versions": versions(),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+    }
+    records = []
+    for row in rows:
+        record = {**meta, **{k: v for k, v in asdict(row).items() if k != "extra"}}
+        record.update(row.extra)
+        records.append(record)
+    fields = list(records[0])
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(records)
+    print(f"appended {len(records)} rows to {path}")
+
+
+def common_args(parser: argparse.ArgumentParser, csv_name: str) -> None:
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device to run on (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="input dtype (default float32)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=MODES,
+        help="forward (training forward), backward (backward only), full (both)",
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs (default 15)")
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=RESULTS_DIR / csv_name,
+        help=f"CSV to append results to (default benchmarks/results/{csv_name})",
+    )
+    parser.add_argument("--no-csv", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    return torch.device(args.device), getattr(torch, args.dtype)
+
+
+def modes_for(
+    fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], modes: list[str]
+) -> dict[str, Callable[[], object]]:
+    """forward / backward-only / full callables over a function producing one output."""
+    out = {}
+    if "forward" in modes:
+        out["forward"] = fwd
+    if "backward" in modes:
+        y = fwd()
+        grad = torch.randn_like(y)
+        out["backward"] = lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True)
+    if "full" in modes:
+        grad_full = None
+
+        def full():
+            nonlocal grad_full
+            y = fwd()
+            if grad_full is None:
+                grad_full = torch.randn_like(y)
+            return torch.autograd.grad(y, inputs, grad_full)
+
+        out["full"] = full
+    return out
