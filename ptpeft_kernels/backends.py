@@ -45,7 +45,7 @@ ENV_VAR = "PTPEFT_BACKEND"
 
 # Modules that register the implementations of a backend; imported on first need.
 _LAZY_MODULES: dict[str, tuple[str, ...]] = {
-    "triton": ("ptpeft_kernels.ops.triton",),
+    "triton": ("ptpeft_kernels.ops.triton_impl",),
     "cuda": ("ptpeft_kernels.ops.cuda",),
 }
 

@@ -1,0 +1,165 @@
+"""Pieces shared by the Triton kernels: device checks, lazy tuning, activations, dropout bits.
+
+Nothing here touches a device at import time: the SM count and the autotuned kernel
+wrappers are created on first use, per device, and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Activation codes (constexpr): 0 means none. Must match ``ACT_CODES`` users below.
+ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_reason(*tensors: torch.Tensor | None) -> str | None:
+    """Why these tensors cannot go through a Triton kernel (None if they can)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
+            return (
+                f"the tensors are on {t.device}; Triton kernels need CUDA tensors "
+                "(CPU tensors only under TRITON_INTERPRET=1)"
+            )
+    return None
+
+
+def dtype_reason(dtype: torch.dtype) -> str | None:
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the triton backend supports dtypes {SUPPORTED_DTYPES}, got {dtype}"
+    return None
+
+
+def use_autotune(device: torch.device) -> bool:
+    """Autotune only when compiling for a real GPU; the interpreter gets fixed small tiles."""
+    return device.type == "cuda" and not interpreting()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, read on first use; 4 for the CPU interpreter.
+
+    The interpreter value only makes the split-K heuristics take more than one split on tiny
+    test shapes, so that code path is exercised on the CPU too.
+    """
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(n: int, at_least: int = 16) -> int:
+    # tl.dot needs every dimension >= 16 on GPUs, and tile shapes must be powers of two.
+    return max(at_least, triton.next_power_of_2(max(1, n)))
+
+
+def bucket(n: int) -> int:
+    """Autotune key bucket of a size: the next power of two, so a new length does not retune."""
+    return triton.next_power_of_2(max(1, n))
+
+
+_tuned_cache: dict[tuple, object] = {}
+
+
+def autotuned(kernel, name: str, configs_fn, key: list[str], prune=None):
+    """``triton.autotune`` of ``kernel``, built on first GPU use (never at import).
+
+    ``prune(configs, named_args, **kwargs)`` drops configs that cannot fit the call's shape.
+    """
+    cached = _tuned_cache.get(name)
+    if cached is None:
+        prune_by = {"early_config_prune": prune} if prune is not None else None
+        cached = triton.autotune(configs=configs_fn(), key=key, prune_configs_by=prune_by)(kernel)
+        _tuned_cache[name] = cached
+    return cached
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with float32 accumulation; fp32 operands use IEEE products (no TF32).
+
+    ``UPCAST`` is set only under the CPU interpreter, whose dot multiplies bfloat16 operands as
+    their raw uint16 storage: products of two bf16/fp16 values are exact in float32, so
+    upcasting first gives what the tensor cores compute.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def tanh_f32(x):
+    # tl.math has no tanh in every Triton release this must compile with. exp(-2|x|) never
+    # overflows; the absolute error near 0 is a float32 ulp of 1, as for the fused library tanh.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def activate(x, ACT: tl.constexpr):
+    """act(x) in float32; every activation maps 0 to 0, so zero-padded tiles stay zero."""
+    if ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + tanh_f32(inner))
+    elif ACT == 3:
+        return tl.maximum(x, 0.0)
+    elif ACT == 4:
+        return x * tl.sigmoid(x)
+    else:
+        return x
+
+
+@triton.jit
+def activation_grad(x, ACT: tl.constexpr):
+    """d act(x) / dx in float32 (same formulas as ops/activations.py)."""
+    if ACT == 1:
+        return (
+            0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+        )
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        t = tanh_f32(inner)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif ACT == 3:
+        return tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == 4:
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    else:
+        return x * 0.0 + 1.0
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, p):
+    """Keep-mask of dropout at element (rows, cols) of the LoRA input, both int32 and broadcastable.
+
+    Philox keyed by (column, row) counters, so the forward, the backward and ``dropout_mask``
+    regenerate the same mask from the seed alone; nothing of the input's size is stored.
+    """
+    c0 = (cols + rows * 0).to(tl.uint32, bitcast=True)
+    c1 = (rows + cols * 0).to(tl.uint32, bitcast=True)
+    zero = c0 * 0
+    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(r0) >= p
