@@ -62,3 +62,17 @@ def check_scalar(
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
+
+
+def autocast_inputs(*tensors: object) -> tuple:
+    """Under ``torch.autocast``, cast the floating tensors to the autocast dtype (like ``F.linear`` does).
+
+    Mixed inputs are normal there (bf16 activations, fp32 adapter weights); without this they
+    would fail the same-dtype checks. The cast is differentiable, so fp32 parameters get fp32
+    gradients. The device is taken from the first tensor.
+    """
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device is None or not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_dim, check_same, check_scalar, check_tensor, describe
+from .._checks import autocast_inputs, check_dim, check_same, check_scalar, check_tensor, describe
 from .activations import activate, activation_grad, check_activation
 
 __all__ = ["adapter", "adapter_ref"]
@@ -261,6 +261,9 @@ def adapter(
     Returns:
         (..., d_out) in ``x.dtype``.
     """
+    x, down_weight, down_bias, up_weight, up_bias, residual = autocast_inputs(
+        x, down_weight, down_bias, up_weight, up_bias, residual
+    )
     scaling = _check_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual)
     name = backends.resolve(
         OP, backend, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual

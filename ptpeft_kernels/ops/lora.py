@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_dim, check_same, check_scalar, check_tensor, describe
+from .._checks import autocast_inputs, check_dim, check_same, check_scalar, check_tensor, describe
 
 __all__ = ["lora_linear", "lora_linear_ref", "dropout_mask", "draw_dropout_seed"]
 
@@ -245,6 +245,7 @@ def lora_linear(
     Returns:
         (..., out_features) in ``x.dtype``.
     """
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
     name = backends.resolve(OP, backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_same, check_scalar, check_tensor, describe
+from .._checks import autocast_inputs, check_same, check_scalar, check_tensor, describe
 
 __all__ = ["prefix_attention", "prefix_attention_ref"]
 
@@ -501,6 +501,7 @@ def prefix_attention(
         (B, Hq, N, D) in ``q.dtype`` (the layout of ``scaled_dot_product_attention``);
         a query with no visible key at all gets zeros.
     """
+    q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     attn_mask, scale = _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     name = backends.resolve(OP, backend, q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     return _prefix_attention_op(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, name)[0]
