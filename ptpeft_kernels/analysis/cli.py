@@ -138,7 +138,8 @@ def tokenize_batches(tokenizer, texts: list[str], batch_size: int, max_length: i
             raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
     # Right padding: a causal model's hidden states of real tokens then do not see the pads at all,
-    # so the features equal those of each text run alone (left padding shifts positions).
+    # so the features equal those of each text run alone. Left padding would shift the absolute
+    # positions of models with learned position embeddings (OPT, GPT-2); RoPE models do not mind.
     tokenizer.padding_side = "right"
     batches = []
     for start in range(0, len(texts), batch_size):
@@ -163,7 +164,9 @@ def load_pt_batches(path: str, batch_size: int, max_samples: int | None = None) 
         if len(sizes) != 1:
             raise ValueError(f"{path}: tensors disagree on the number of rows: {sorted(sizes)}")
         n = sizes.pop() if max_samples is None else min(sizes.pop(), max_samples)
-        return [{k: v[s : s + batch_size] for k, v in tensors.items()} for s in range(0, n, batch_size)]
+        return [
+            {k: v[s : min(s + batch_size, n)] for k, v in tensors.items()} for s in range(0, n, batch_size)
+        ]
     if isinstance(data, (list, tuple)) and all(isinstance(b, dict) for b in data) and data:
         if max_samples is None:
             return list(data)
