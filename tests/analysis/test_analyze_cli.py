@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import ptpeft_kernels as pk
 from ptpeft_kernels.analysis.cli import build_parser, load_pt_batches, main, tokenize_batches
 
 from .conftest import make_tokenizer, random_texts
@@ -126,8 +127,6 @@ def test_bad_command_lines(saved_run, tmp_path, capsys):
 
 
 def test_adapter_directory_without_load_adapters_support(saved_run, tmp_path, capsys, monkeypatch):
-    import ptpeft_kernels as pk
-
     monkeypatch.delattr(pk, "load_adapters", raising=False)
     adapters = tmp_path / "adapters"
     adapters.mkdir()
@@ -178,3 +177,48 @@ def test_help_lists_every_option():
         timeout=60,
     )
     assert proc.returncode == 0 and "remaining rank ratio" in proc.stdout
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("ptpeft_kernels"), "load_adapters"),
+    reason="ptpeft_kernels has no load_adapters yet",
+)
+def test_saved_adapter_directories(saved_run, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    def saved_lora(name: str, b_std: float):
+        model = LlamaForCausalLM.from_pretrained(saved_run / "base")
+        pk.apply_lora(model, r=4, alpha=8)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+        pk.save_adapters(model, tmp_path / name)
+        return str(tmp_path / name)
+
+    # Fresh LoRA (B = 0) leaves the model unchanged; a trained-looking one (B != 0) does not.
+    adapters = [saved_lora("lora_zero", 0.0), saved_lora("lora", 0.3)]
+    code = main(
+        [
+            "--model",
+            str(saved_run / "base"),
+            "--adapters",
+            *adapters,
+            "--data",
+            str(saved_run / "data.jsonl"),
+            "--layers",
+            "all",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    rows = read_metrics(tmp_path / "out")
+    for layer in (0, 1, 2):
+        assert float(rows["lora_zero", layer]["deviation"]) == pytest.approx(0.0, abs=1e-9)
+        assert float(rows["lora_zero", layer]["cka"]) == pytest.approx(1.0, abs=1e-9)
+    assert float(rows["lora", 0]["deviation"]) == pytest.approx(0.0, abs=1e-9)  # embeddings: no LoRA there
+    assert float(rows["lora", 2]["deviation"]) > 1e-3
+    assert float(rows["lora", 2]["cka"]) < 0.99
