@@ -1,0 +1,302 @@
+"""The ``"ptpeft"`` attention implementation for ``transformers``.
+
+Registered with both of transformers' registries: ``AttentionInterface`` (the function every
+routed attention module calls) and ``AttentionMaskInterface`` (the mask builder; without it
+``create_causal_mask`` returns ``None`` for unknown implementations and padding silently
+vanishes). The function runs :func:`ptpeft_kernels.prefix_attention`, with the prefix of
+the calling module when :func:`~ptpeft_kernels.apply_prefix` attached one.
+
+Transformers hands us ``query`` (B, Hq, N, D) and un-repeated ``key``/``value`` (B, Hkv, M, D)
+— the op's own layout, GQA by index — and expects (B, N, Hq, D) back plus attention weights
+(always ``None`` here). Masks: our builder returns transformers' boolean SDPA mask (True =
+attend, (B, 1, N, M)), or ``None`` only where bottom-right causal alignment (or no mask at
+all) is exactly right, so the op can use its causal fast path.
+
+Cases the fused op does not cover go through ``scaled_dot_product_attention`` with the
+prefix concatenated in front of the keys (same result, an extra copy), with a one-time
+warning: sliding windows, attention dropout while training, logit soft-capping, and
+additive float masks that carry a bias rather than just 0 / -inf.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.prefix_attention import prefix_attention
+
+ATTN_IMPLEMENTATION = "ptpeft"
+
+_registered = False
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _ends_aligned(q_length: Any, kv_length: Any, q_offset: Any, kv_offset: Any) -> bool:
+    """Whether the last key is the last query, i.e. bottom-right causal alignment is exact.
+
+    With a DynamicCache the keys are [past, new] and this holds; a StaticCache has unwritten
+    slots after the last query (and tensor offsets), so its mask must be materialised.
+    """
+    values = (q_length, kv_length, q_offset, kv_offset)
+    if not all(isinstance(v, int) for v in values):
+        return False
+    return q_offset + q_length == kv_offset + kv_length
+
+
+def ptpeft_mask(**kwargs: Any) -> Tensor | None:
+    """transformers' boolean SDPA mask, skipped (``None``) only where our causal flag is exact."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("allow_is_causal_skip", True) and not _ends_aligned(
+        kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
+    ):
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(**kwargs)
+
+
+def _bool_mask(mask: Tensor, batch: int, m: int) -> tuple[Tensor | None, Tensor | None]:
+    """(bool mask, float bias): a mask transformers built, as the op's bool form where possible.
+
+    Returns (bool (B, 1|H, 1|N, M), None), or (None, float mask) when the float mask carries
+    values other than 0 and "masked" (a real bias, which only the SDPA path can add).
+    """
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    if mask.dim() != 4:
+        raise ValueError(
+            f"attention_mask must be 2-D (B, M) or 4-D (B, 1|H, N, M), got shape {tuple(mask.shape)}"
+        )
+    if mask.shape[-1] > m:  # masks sized for a static cache cover slots past the keys we were given
+        mask = mask[..., :m]
+    if mask.shape[0] != batch:
+        mask = mask.expand(batch, *mask.shape[1:])
+    if mask.dtype == torch.bool:
+        return mask, None
+    if not mask.is_floating_point():
+        return mask.bool(), None
+    keep = mask > torch.finfo(mask.dtype).min / 2
+    if torch.any(keep & (mask != 0)):
+        return None, mask
+    return keep, None
+
+
+# ----------------------------------------------------------------------------- SDPA fallback
+
+
+def _fallback(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    prefix: tuple[Tensor, Tensor] | None,
+    keep: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> Tensor:
+    """SDPA (or explicit scores for soft-capping) with the prefix concatenated in front of the keys."""
+    b, hq, n, d = query.shape
+    hkv, m = key.shape[1], key.shape[2]
+    dev = query.device
+    if keep is None and bias is None and (causal or sliding_window):
+        pos = torch.arange(n, device=dev)[:, None] + (m - n)  # bottom-right aligned query positions
+        kpos = torch.arange(m, device=dev)[None, :]
+        visible = kpos <= pos if causal else torch.ones(n, m, dtype=torch.bool, device=dev)
+        if sliding_window:
+            visible = visible & (kpos > pos - sliding_window)
+        keep = visible[None, None].expand(b, 1, n, m)
+    if prefix is not None and prefix[0].shape[-2] > 0:
+        p = prefix[0].shape[-2]
+        pk, pv = (t.expand(b, -1, -1, -1) if t.dim() == 3 else t for t in prefix)
+        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        if keep is not None:
+            ones = torch.ones(*keep.shape[:-1], p, dtype=torch.bool, device=dev)
+            keep = torch.cat([ones, keep], dim=-1)
+        if bias is not None:
+            bias = torch.cat([bias.new_zeros(*bias.shape[:-1], p), bias], dim=-1)
+    if hq != hkv:
+        key = key.repeat_interleave(hq // hkv, dim=1)
+        value = value.repeat_interleave(hq // hkv, dim=1)
+    if softcap:
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        if bias is not None:
+            scores = scores + bias
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
+        probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+        out = torch.matmul(probs, value)
+    else:
+        attn_mask = bias if bias is not None else keep
+        if bias is not None and keep is not None:
+            attn_mask = bias.masked_fill(~keep, float("-inf"))
+        out = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale
+        )
+        if keep is not None:  # a row that sees nothing outputs zeros, as the fused op does
+            out = out.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- the attention function
+
+
+def _module_prefix(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    slot = getattr(module, "_ptpeft_prefix", None)
+    if slot is None:
+        return None
+    pk, pv = slot.kv()
+    return pk.to(dtype), pv.to(dtype)
+
+
+def ptpeft_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers ``AttentionInterface`` entry: (B, Hq, N, D) queries in, (B, N, Hq, D) out."""
+    if kwargs.get("output_attentions"):
+        _warn_once(
+            "output_attentions",
+            "ptpeft attention does not materialise attention weights; output_attentions=True returns "
+            "None weights (use attn_implementation='eager' to inspect them)",
+        )
+    b, _, n, d = query.shape
+    m = key.shape[2]
+    scale = d**-0.5 if scaling is None else float(scaling)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and n > 1  # one query attends to every cached key: no mask needed
+    prefix = _module_prefix(module, query.dtype)
+
+    keep = bias = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(
+                f"ptpeft attention takes a tensor attention_mask (bool or additive float), got "
+                f"{type(attention_mask).__name__}; build masks with attn_implementation='ptpeft'"
+            )
+        keep, bias = _bool_mask(attention_mask, b, m)
+        causal = False  # a given mask already encodes causality (and any bidirectional blocks)
+
+    sliding_window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    dropout = float(dropout) if module.training else 0.0
+    reason = None
+    if sliding_window:
+        reason = "sliding-window attention"
+    elif dropout > 0.0:
+        reason = "attention dropout during training"
+    elif softcap:
+        reason = "attention logit soft-capping"
+    elif bias is not None:
+        reason = "an additive float attention mask with bias values"
+    if reason is not None:
+        _warn_once(
+            reason,
+            f"ptpeft attention: {reason} is not supported by the fused prefix_attention kernel; "
+            f"{type(module).__name__} falls back to torch scaled_dot_product_attention with the prefix "
+            f"concatenated to the keys (same result, slower). Warned once.",
+        )
+        out = _fallback(
+            module, query, key, value, prefix, keep, bias, causal, scale, dropout, sliding_window, softcap
+        )
+    else:
+        pk, pv = prefix if prefix is not None else (None, None)
+        out = prefix_attention(query, key, value, pk, pv, attn_mask=keep, causal=causal, scale=scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def register_attention() -> str:
+    """Register ``"ptpeft"`` with transformers' attention and mask registries; returns the name.
+
+    Idempotent. After it, ``from_pretrained(..., attn_implementation="ptpeft")`` and
+    ``model.set_attn_implementation("ptpeft")`` work.
+    """
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, ptpeft_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ptpeft_mask)
+        _registered = True
+    return ATTN_IMPLEMENTATION
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    from transformers import PretrainedConfig
+
+    seen: dict[int, Any] = {}
+    stack = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    while stack:
+        config = stack.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, key, None)
+            if isinstance(sub, PretrainedConfig):
+                stack.append(sub)
+    return list(seen.values())
+
+
+def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -> nn.Module:
+    """Switch every attention of ``model`` (all sub-models) to ``implementation``; returns ``model``.
+
+    ``"ptpeft"`` (the default) runs them through :func:`ptpeft_kernels.prefix_attention`;
+    ``"sdpa"`` / ``"eager"`` switch back (prefix-carrying modules then refuse to run).
+    """
+    if not isinstance(implementation, str):
+        raise TypeError(f"implementation must be a str, got {type(implementation).__name__}")
+    if implementation == ATTN_IMPLEMENTATION:
+        register_attention()
+    configs = _configs(model)
+    if not configs:
+        raise TypeError(f"model must be a transformers model (with a config), got {type(model).__name__}")
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        import logging
+
+        # transformers warns for sub-models that bypass the registry; apply_prefix reports those itself.
+        log = logging.getLogger("transformers.modeling_utils")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            setter(implementation)
+        finally:
+            log.setLevel(level)
+    # Sub-configs transformers did not reach (modules keeping a config it does not list).
+    for config in configs:
+        if config._attn_implementation != implementation:
+            config._attn_implementation_internal = implementation
+    return model
+
+
+def enable_ptpeft_attention(model: nn.Module) -> nn.Module:
+    """Route every attention of ``model`` through the fused kernels (no prefix needed); returns ``model``."""
+    return set_attention(model, ATTN_IMPLEMENTATION)

@@ -1,0 +1,219 @@
+"""Finding the attention layers of a ``transformers`` model without per-model tables.
+
+An *attention site* is a module whose ``forward`` dispatches through
+``ALL_ATTENTION_FUNCTIONS.get_interface`` (a *routed* site: the ``"ptpeft"`` attention
+reaches it), or one that looks like attention — a class named ``*Attention*`` owning
+query/key/value ``nn.Linear`` children — but computes its scores itself (a *bypassing*
+site, e.g. GIT's text decoder; prefixes cannot reach it, so targeting it is an error).
+
+Sites are classified by region: ``language_model`` (under a submodule named
+``language_model`` / ``text_model`` / ``text_decoder``, or, in a model with no such
+submodule, anything outside a vision tower / Q-Former) or the name of the tower they sit in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+# Submodule names under which a multi-modal model keeps its language model.
+_LM_ROOTS = ("language_model", "text_model", "text_decoder")
+# Path components that mark a non-language tower in models without an LM root.
+_TOWER_RE = re.compile(
+    r"(^|\.)(vision_model|vision_tower|visual|vision_encoder|image_encoder|qformer|vision)(\.|$)"
+)
+# Cross-attention, by the names the families use (BERT/Q-Former, BART/Florence-2, Kosmos-2).
+_CROSS_RE = re.compile(r"(crossattention|cross_attn|cross_attention|encoder_attn|x_attn)", re.IGNORECASE)
+_QKV_NAMES = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v", "qkv", "wq", "wk", "wv"}
+_KEY_NAMES = ("k_proj", "key", "k", "wk")
+_QUERY_NAMES = ("q_proj", "query", "q", "wq")
+_FUSED_NAMES = ("qkv", "in_proj", "Wqkv", "c_attn")
+_OUT_NAMES = ("o_proj", "out_proj", "proj", "dense", "wo", "c_proj")
+
+_routed_cache: dict[type, bool] = {}
+
+
+@dataclass
+class AttentionSite:
+    """One attention module of a model."""
+
+    name: str
+    module: nn.Module
+    region: str  # "language_model", or the tower's name ("vision_tower", "qformer", ...)
+    cross: bool  # keys come from another sequence (no prefix goes here)
+    routed: bool  # dispatches through transformers' AttentionInterface
+    num_heads: int | None
+    num_kv_heads: int | None
+    head_dim: int | None
+
+    @property
+    def shape_known(self) -> bool:
+        return None not in (self.num_heads, self.num_kv_heads, self.head_dim)
+
+
+def model_family(model: nn.Module) -> str:
+    """``config.model_type`` of a transformers model (``"llava"``, ``"blip-2"``, ...)."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if not family:
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel with config.model_type, got {type(model).__name__}"
+        )
+    return family
+
+
+def is_routed(cls: type) -> bool:
+    """Whether ``cls.forward`` dispatches through transformers' attention registry."""
+    if cls not in _routed_cache:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _routed_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source or ".get_interface(" in source
+    return _routed_cache[cls]
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    if "attention" not in type(module).__name__.lower() and "attn" not in type(module).__name__.lower():
+        return False
+    linear_children = {n for n, c in module.named_children() if isinstance(c, nn.Linear)}
+    return len(linear_children & _QKV_NAMES) >= 2 or bool(linear_children & set(_FUSED_NAMES))
+
+
+def _first_int(obj: object, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        value = getattr(obj, n, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _child_linear(module: nn.Module, names: tuple[str, ...]) -> nn.Linear | None:
+    for n in names:
+        child = getattr(module, n, None)
+        if isinstance(child, nn.Linear):
+            return child
+    return None
+
+
+def _head_shapes(module: nn.Module) -> tuple[int | None, int | None, int | None]:
+    """(Hq, Hkv, D) from the module's attributes, its config and its projection widths."""
+    config = getattr(module, "config", None)
+    head_dim = _first_int(module, ("head_dim", "attention_head_size", "head_size", "d_head"))
+    num_heads = _first_int(module, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
+    query = _child_linear(module, _QUERY_NAMES)
+    key = _child_linear(module, _KEY_NAMES)
+    fused = _child_linear(module, _FUSED_NAMES)
+    if num_heads is None and config is not None and head_dim is not None and query is not None:
+        num_heads = _first_int(config, ("num_attention_heads",))
+    if head_dim is None and num_heads is not None:
+        width = _first_int(module, ("embed_dim", "dim", "hidden_size", "all_head_size"))
+        if width is not None and width % num_heads == 0:
+            head_dim = width // num_heads
+    if num_heads is None and head_dim is not None and query is not None:
+        num_heads = query.out_features // head_dim
+    if head_dim is None or num_heads is None:
+        return num_heads, None, head_dim
+    if key is not None:
+        if key.out_features % head_dim:
+            return num_heads, None, head_dim
+        num_kv = key.out_features // head_dim
+    elif fused is not None and fused.out_features == 3 * num_heads * head_dim:
+        num_kv = num_heads
+    else:
+        groups = _first_int(module, ("num_key_value_groups",))
+        num_kv = num_heads // groups if groups and num_heads % groups == 0 else None
+    if num_kv is None or num_heads % num_kv:
+        return num_heads, None, head_dim
+    return num_heads, num_kv, head_dim
+
+
+def _region(name: str, lm_roots: list[str]) -> str:
+    for root in lm_roots:
+        if name == root or name.startswith(root + "."):
+            return "language_model"
+    if not lm_roots and not _TOWER_RE.search(name):
+        return "language_model"
+    match = _TOWER_RE.search(name)
+    if match:
+        return match.group(2)
+    parts = name.split(".")
+    return parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]
+
+
+def language_model_roots(model: nn.Module) -> list[str]:
+    """Names of the submodules holding the language model (outermost only); [] for text-only models."""
+    roots: list[str] = []
+    for name, _ in model.named_modules():
+        if name.split(".")[-1] in _LM_ROOTS and not any(name.startswith(r + ".") for r in roots):
+            roots.append(name)
+    return roots
+
+
+def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """Every attention site of ``model``, in module order (outermost module of a nest only)."""
+    lm_roots = language_model_roots(model)
+    sites: list[AttentionSite] = []
+    for name, module in model.named_modules():
+        routed = is_routed(type(module))
+        if not routed and not _looks_like_attention(module):
+            continue
+        if any(name.startswith(s.name + ".") for s in sites):
+            continue  # e.g. an attention class nested in another routed one
+        num_heads, num_kv, head_dim = _head_shapes(module)
+        sites.append(
+            AttentionSite(
+                name=name,
+                module=module,
+                region=_region(name, lm_roots),
+                cross=bool(_CROSS_RE.search(name)),
+                routed=routed,
+                num_heads=num_heads,
+                num_kv_heads=num_kv,
+                head_dim=head_dim,
+            )
+        )
+    return sites
+
+
+def select_sites(model: nn.Module, targets: str, *, self_attention_only: bool = True) -> list[AttentionSite]:
+    """The attention sites named by ``targets``: ``"language_model"``, ``"all"`` or a regex over names.
+
+    Raises if the selection is empty or contains sites that bypass the attention registry.
+    """
+    if not isinstance(targets, str):
+        raise TypeError(
+            f"targets must be 'language_model', 'all' or a regex string over module names, "
+            f"got {type(targets).__name__} {targets!r}"
+        )
+    sites = find_attention_sites(model)
+    if targets == "language_model":
+        chosen = [s for s in sites if s.region == "language_model"]
+    elif targets == "all":
+        chosen = list(sites)
+    else:
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise ValueError(f"targets {targets!r} is not a valid regex: {exc}") from None
+        chosen = [s for s in sites if pattern.fullmatch(s.name)]
+    if self_attention_only:
+        chosen = [s for s in chosen if not s.cross]
+    if not chosen:
+        names = ", ".join(s.name for s in sites[:6]) or "none found"
+        raise ValueError(
+            f"targets={targets!r} matched no self-attention module of {type(model).__name__}; expected "
+            f"'language_model', 'all' or a regex fully matching attention module names such as: {names}"
+        )
+    bypassing = [s for s in chosen if not s.routed]
+    if bypassing:
+        listed = ", ".join(f"{s.name} ({type(s.module).__name__})" for s in bypassing)
+        raise ValueError(
+            f"{type(model).__name__}: these attention modules compute attention themselves instead of "
+            f"dispatching through transformers' AttentionInterface, so prefixes cannot reach them: {listed}. "
+            f"Pick other targets (a regex over module names) or a model family whose attention is routed."
+        )
+    return chosen
