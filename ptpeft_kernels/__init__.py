@@ -2,6 +2,21 @@
 
 from . import analysis
 from .backends import BackendUnavailableError, available_backends
+from .integrations import (
+    apply_adapter,
+    apply_lora,
+    apply_prefix,
+    enable_ptpeft_attention,
+    fold_prefix,
+    import_peft_prefix,
+    load_adapters,
+    mark_trainable,
+    merge_lora,
+    register_attention,
+    save_adapters,
+    set_attention,
+    trainable_summary,
+)
 from .layers import BottleneckAdapter, LoRALinear, PrefixEncoder
 from .ops import adapter, adapter_ref, lora_linear, lora_linear_ref, prefix_attention, prefix_attention_ref
 
@@ -16,7 +31,20 @@ __all__ = [
     "PrefixEncoder",
     "adapter",
     "adapter_ref",
+    "apply_adapter",
+    "apply_lora",
+    "apply_prefix",
     "available_backends",
+    "enable_ptpeft_attention",
+    "fold_prefix",
+    "import_peft_prefix",
+    "load_adapters",
+    "mark_trainable",
+    "merge_lora",
+    "register_attention",
+    "save_adapters",
+    "set_attention",
+    "trainable_summary",
     "lora_linear",
     "lora_linear_ref",
     "prefix_attention",
