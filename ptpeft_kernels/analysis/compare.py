@@ -54,6 +54,8 @@ def compare_representations(
     threshold = check_threshold(threshold)
     if base_name in variants:
         raise ValueError(f"variant name {base_name!r} clashes with the base model's name")
+    if iter(batches) is batches:  # a one-shot generator would be empty for the second model
+        batches = list(batches)
     result = Comparison(threshold=threshold, base_name=base_name)
     base_feats = collect_layers(base, batches, layers, tower, device=device, progress=progress and base_name)
     base_curves = {layer: cumulative_spectrum(f) for layer, f in base_feats.items()}

@@ -98,9 +98,9 @@ def collect_layers(
     if progress:
         from tqdm.auto import tqdm
 
-        total = max_batches
-        if total is None and hasattr(dataloader, "__len__"):
-            total = len(dataloader)  # type: ignore[arg-type]
+        total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
+        if max_batches is not None:
+            total = max_batches if total is None else min(total, max_batches)
         batches = tqdm(dataloader, total=total, desc=progress if isinstance(progress, str) else "features")
     try:
         model.eval()

@@ -179,10 +179,6 @@ def test_help_lists_every_option():
     assert proc.returncode == 0 and "remaining rank ratio" in proc.stdout
 
 
-@pytest.mark.skipif(
-    not hasattr(__import__("ptpeft_kernels"), "load_adapters"),
-    reason="ptpeft_kernels has no load_adapters yet",
-)
 def test_saved_adapter_directories(saved_run, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -197,8 +193,11 @@ def test_saved_adapter_directories(saved_run, tmp_path):
         pk.save_adapters(model, tmp_path / name)
         return str(tmp_path / name)
 
+    prefixed = LlamaForCausalLM.from_pretrained(saved_run / "base")
+    pk.apply_prefix(prefixed, num_prefix=4, reparam_hidden=16)
+    pk.save_adapters(prefixed, tmp_path / "prefix")
     # Fresh LoRA (B = 0) leaves the model unchanged; a trained-looking one (B != 0) does not.
-    adapters = [saved_lora("lora_zero", 0.0), saved_lora("lora", 0.3)]
+    adapters = [saved_lora("lora_zero", 0.0), saved_lora("lora", 0.3), str(tmp_path / "prefix")]
     code = main(
         [
             "--model",
@@ -222,3 +221,25 @@ def test_saved_adapter_directories(saved_run, tmp_path):
     assert float(rows["lora", 0]["deviation"]) == pytest.approx(0.0, abs=1e-9)  # embeddings: no LoRA there
     assert float(rows["lora", 2]["deviation"]) > 1e-3
     assert float(rows["lora", 2]["cka"]) < 0.99
+    # Prefixes live in the attention of every layer: the embeddings stay, the layers above move.
+    assert float(rows["prefix", 0]["deviation"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(rows["prefix", 2]["cka"]) < 0.999
+
+
+def test_directory_that_is_neither_checkpoint_nor_adapters(saved_run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(
+        [
+            "--model",
+            str(saved_run / "base"),
+            "--adapters",
+            str(empty),
+            "--data",
+            str(saved_run / "data.jsonl"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
+    assert code == 1 and str(empty) in capsys.readouterr().err
