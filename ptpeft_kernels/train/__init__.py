@@ -1,0 +1,1 @@
+"""The PT-PEFT training driver: ``python -m ptpeft_kernels.train`` (see ``--help``)."""
