@@ -116,6 +116,14 @@ def tanh_f32(x):
 
 
 @triton.jit
+def sigmoid_f32(x):
+    # exp(-|x|) never overflows (tl.sigmoid's exp(-x) does for x < -88), and the small side keeps
+    # its relative precision instead of rounding to 0.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def activate(x, ACT: tl.constexpr):
     """act(x) in float32; every activation maps 0 to 0, so zero-padded tiles stay zero."""
     if ACT == 1:
@@ -126,7 +134,7 @@ def activate(x, ACT: tl.constexpr):
     elif ACT == 3:
         return tl.maximum(x, 0.0)
     elif ACT == 4:
-        return x * tl.sigmoid(x)
+        return x * sigmoid_f32(x)
     else:
         return x
 
@@ -145,7 +153,7 @@ def activation_grad(x, ACT: tl.constexpr):
     elif ACT == 3:
         return tl.where(x > 0.0, 1.0, 0.0)
     elif ACT == 4:
-        s = tl.sigmoid(x)
+        s = sigmoid_f32(x)
         return s * (1.0 + x * (1.0 - s))
     else:
         return x * 0.0 + 1.0

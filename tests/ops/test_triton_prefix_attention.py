@@ -1,0 +1,255 @@
+"""prefix_attention, triton backend: forward and all five gradients against the float64 reference.
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py), so the
+shapes are small but span several tiles of every kind the kernels distinguish: the prefix
+tail, key tiles every row sees whole, the causal diagonal band, tiles skipped past it, and
+partial query/key tiles. On a CUDA machine the same cases run natively with longer sequences.
+"""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+import ptpeft_kernels as pk
+from ptpeft_kernels import backends
+from ptpeft_kernels.ops.prefix_attention import prefix_attention_ref
+from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf, noncontiguous
+from tests.ops.test_prefix_attention import Case, make_inputs, run
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(
+        "triton" not in pk.available_backends(), reason="needs triton (a GPU or the interpreter)"
+    ),
+]
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+OP = "prefix_attention"
+
+
+def scaled(case: Case) -> Case:
+    """Longer sequences on a GPU (single-query decode cases stay single-query)."""
+    if not CUDA:
+        return case
+    return dataclasses.replace(case, n=case.n if case.n == 1 else case.n * 8, m=case.m * 8)
+
+
+CASES = [
+    Case(n=37, m=45, p=5),  # GQA 4/2, shared prefix, causal band + skipped key tiles, partial tiles
+    Case(n=40, m=40, p=0, d=64),  # an empty prefix
+    Case(n=33, m=33, p=1, shared=False, causal=False),
+    Case(n=48, m=48, p=None),  # no prefix at all
+    Case(n=20, m=41, p=7, hkv=1, causal=False),  # multi-query, odd prefix, M > N without causality
+    Case(n=41, m=17, p=2, causal=False),  # cross-attention with M < N
+    Case(n=1, m=40, p=3),  # one decode step
+    Case(n=5, m=40),  # decode-like M >> N, bottom-right causal
+    Case(n=24, m=40, p=3, mask="keypad"),
+    Case(n=24, m=40, p=None, mask="keypad_empty"),  # a fully padded sample: rows see nothing
+    Case(n=24, m=40, p=2, mask="keypad_empty"),  # ... but still see the prefix
+    Case(n=24, m=40, p=3, mask="full1", causal=False),
+    Case(n=24, m=40, p=None, mask="fullh"),
+    Case(n=24, m=40, p=None, mask="full_empty_rows", causal=False),
+    Case(n=24, m=40, p=4, mask="full_empty_rows", shared=False),
+    Case(n=24, m=40, mask="bcast"),
+    Case(n=24, m=40, p=5, noncontig=True),
+    Case(n=24, m=40, noncontig=True, mask="keypad", shared=False, hkv=1),
+    Case(n=20, m=28, p=3, d=32, hq=2, hkv=1),
+    Case(n=20, m=28, p=3, d=80, hq=2, hkv=2),
+    Case(n=18, m=18, p=2, d=96, b=1),
+    Case(n=20, m=20, p=2, d=128, hq=2, hkv=1, b=1),
+]
+
+LOWP_CASES = [  # bfloat16 on the mask / layout variants, float16 on one (the interpreter is slow)
+    (Case(n=37, m=45, p=5), torch.bfloat16),
+    (Case(n=40, m=40, p=0, d=64), torch.bfloat16),
+    (Case(n=24, m=40, p=3, mask="keypad"), torch.bfloat16),
+    (Case(n=24, m=40, p=4, mask="full_empty_rows", shared=False), torch.bfloat16),
+    (Case(n=24, m=40, p=5, noncontig=True), torch.bfloat16),
+    (Case(n=37, m=45, p=5), torch.float16),
+]
+
+
+def to_device(tensors, mask):
+    if not CUDA:
+        return tensors, mask
+    strided = not tensors[0].is_contiguous()  # .to() would make a strided view contiguous again
+    moved = [t.detach().to(DEVICE) for t in tensors]
+    moved = [(noncontiguous(t) if strided else t).requires_grad_() for t in moved]
+    return moved, None if mask is None else mask.to(DEVICE)
+
+
+def check(case: Case, dtype, atol, rtol, scale=None):
+    case = scaled(case)
+    tensors, mask = to_device(*make_inputs(case, dtype))
+    kwargs = {} if scale is None else {"scale": scale}
+    out = run(pk.prefix_attention, tensors, mask, case.causal, backend="triton", **kwargs)
+    assert out.dtype == dtype and out.shape == (case.b, case.hq, case.n, case.d)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    got = torch.autograd.grad(out, tensors, grad_out)
+
+    ref_in = [leaf(t.detach().cpu().double()) for t in tensors]
+    mask_cpu = None if mask is None else mask.cpu()
+    ref = run(prefix_attention_ref, ref_in, mask_cpu, case.causal, **kwargs)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.cpu().double())
+    lowp = lowp_grads = None
+    if dtype in (torch.bfloat16, torch.float16):
+        lowp_in = [leaf(t.detach().cpu()) for t in tensors]
+        lowp = run(prefix_attention_ref, lowp_in, mask_cpu, case.causal, upcast=False, **kwargs)
+        lowp_grads = torch.autograd.grad(lowp, lowp_in, grad_out.cpu())
+
+    assert_close("out", out.cpu(), ref, atol=atol, rtol=rtol, ref_lowp=lowp)
+    names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"]
+    for i, (name, g, r) in enumerate(zip(names, got, ref_grads, strict=False)):
+        assert g.shape == tensors[i].shape, name
+        lg = None if lowp_grads is None else lowp_grads[i]
+        assert_close(name, g.cpu(), r, atol=atol, rtol=rtol, ref_lowp=lg, factor=GRAD_FACTOR)
+    return out, got
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_float64_reference_float32(case):
+    _, atol, rtol = DTYPE_TOLS[0]
+    check(case, torch.float32, atol, rtol)
+
+
+@pytest.mark.parametrize("case,dtype", LOWP_CASES, ids=[f"{c}-{d}" for c, d in LOWP_CASES])
+def test_low_precision_error_is_within_the_same_dtype_reference_rule(case, dtype):
+    check(case, dtype, None, None)
+
+
+def test_custom_scale():
+    check(Case(n=20, m=30, p=3), torch.float32, 2e-5, 2e-5, scale=0.3)
+
+
+def test_rows_with_nothing_visible_are_zero_with_finite_gradients():
+    case = Case(n=24, m=40, p=None, mask="keypad_empty")
+    tensors, mask = to_device(*make_inputs(case, torch.float32))
+    out = run(pk.prefix_attention, tensors, mask, True, backend="triton")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert out[1].abs().sum() > 0
+    grads = torch.autograd.grad(out.sum(), tensors)
+    assert all(torch.isfinite(g).all() for g in grads)
+    # Padded keys of the empty sample get no gradient at all.
+    assert torch.equal(grads[1][0], torch.zeros_like(grads[1][0]))
+
+
+def test_lse_is_the_log_sum_exp_over_visible_keys():
+    """The (out, lse) contract the backward relies on, against the torch backend's values."""
+    case = Case(n=24, m=40, p=3, mask="full_empty_rows", shared=False)
+    (q, k, v, pk_, pv_), mask = to_device(*make_inputs(case, torch.float32))
+    mask[0, :, :, :] = False  # sample 0: only the prefix is visible; no-prefix rows come below
+    scale = case.d**-0.5
+    out, lse = backends.get_impl(OP, "triton")(q, k, v, pk_, pv_, mask, True, scale)
+    ref_out, ref_lse = backends.get_impl(OP, "torch")(q.cpu(), k.cpu(), v.cpu(), pk_.cpu(), pv_.cpu(),
+                                                      mask.cpu(), True, scale)  # fmt: skip
+    assert lse.dtype == torch.float32 and lse.shape == (case.b, case.hq, case.n)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=2e-5)
+    _, lse_none = backends.get_impl(OP, "triton")(q, k, v, None, None, mask, True, scale)
+    assert torch.isneginf(lse_none[0]).all() and torch.isfinite(lse_none[1]).any()
+
+
+def test_shared_prefix_gradient_is_the_batch_sum_of_per_batch_prefix_gradients():
+    case = Case(n=20, m=33, p=5)
+    (q, k, v, pk_, pv_), _ = to_device(*make_inputs(case, torch.float32))
+    out = pk.prefix_attention(q, k, v, pk_, pv_, backend="triton")
+    dpk, dpv = torch.autograd.grad(out.sum(), [pk_, pv_])
+    pkb = leaf(pk_.expand(case.b, -1, -1, -1))
+    pvb = leaf(pv_.expand(case.b, -1, -1, -1))
+    out_b = pk.prefix_attention(q, k, v, pkb, pvb, backend="triton")
+    dpkb, dpvb = torch.autograd.grad(out_b.sum(), [pkb, pvb])
+    torch.testing.assert_close(out, out_b, rtol=0, atol=0)
+    torch.testing.assert_close(dpk, dpkb.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dpv, dpvb.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_launchers_write_every_element_of_nan_filled_outputs():
+    """The public op allocates its outputs; the launchers take them, so pre-fill them with NaN."""
+    impl = sys.modules["ptpeft_kernels.ops.triton_impl.prefix_attention"]
+    case = Case(n=37, m=45, p=5, mask="full_empty_rows")
+    (q, k, v, pk_, pv_), mask = to_device(*make_inputs(case, torch.float32))
+    q, k, v, pk_, pv_ = (t.detach() for t in (q, k, v, pk_, pv_))
+    scale = case.d**-0.5
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device=q.device)
+    impl._launch_forward(q, k, v, pk_, pv_, mask, True, scale, out, lse)
+    ref_out, ref_lse = backends.get_impl(OP, "torch")(*(t.cpu() for t in (q, k, v, pk_, pv_)), mask.cpu(),
+                                                      True, scale)  # fmt: skip
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=2e-5)
+
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.device)
+    bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    # The shared prefix's per-batch float32 partials.
+    bufs += [torch.full((case.b, *pk_.shape), float("nan"), device=q.device) for _ in range(2)]
+    impl._launch_backward(dout, q, k, v, pk_, pv_, mask, out, lse, True, scale, *bufs)
+    ref = backends.get_impl(OP, "torch", "backward")(
+        dout.cpu(), *(t.cpu() for t in (q, k, v, pk_, pv_)), mask.cpu(), ref_out, ref_lse, True, scale
+    )
+    got = [*bufs[:3], bufs[3].sum(0), bufs[4].sum(0)]
+    for name, g, r in zip(["dq", "dk", "dv", "dpk", "dpv"], got, ref, strict=True):
+        assert not g.isnan().any(), name
+        torch.testing.assert_close(g.cpu(), r, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_prefix_only_attention_with_no_sequence_keys():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 20, 40, generator=gen, device="cpu").to(DEVICE).requires_grad_()
+    k = v = torch.zeros(1, 2, 0, 40, device=DEVICE)
+    pk_ = torch.randn(2, 5, 40, generator=gen).to(DEVICE).requires_grad_()
+    pv_ = torch.randn(2, 5, 40, generator=gen).to(DEVICE).requires_grad_()
+    out = pk.prefix_attention(q, k, v, pk_, pv_, causal=False, backend="triton")
+    got = torch.autograd.grad(out.sum(), [q, pk_, pv_])
+    ref_in = [leaf(t.detach().cpu().double()) for t in (q, pk_, pv_)]
+    ref = prefix_attention_ref(ref_in[0], k.cpu().double(), v.cpu().double(), *ref_in[1:], causal=False)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_in)
+    assert_close("out", out.cpu(), ref, atol=2e-5, rtol=2e-5)
+    for g, r in zip(got, ref_grads, strict=True):
+        assert_close("grad", g.cpu(), r, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the autotuner runs these configs itself")
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_every_gpu_tile_config_is_correct(which, monkeypatch):
+    """The GPU autotune configs cannot be timed here, but each must still compute the right answer."""
+    impl = sys.modules["ptpeft_kernels.ops.triton_impl.prefix_attention"]
+    configs = impl._fwd_configs() if which == "fwd" else impl._bwd_configs()
+    for config in configs:
+        monkeypatch.setattr(impl, "_INTERP_FWD" if which == "fwd" else "_INTERP_BWD", dict(config.kwargs))
+        check(Case(n=37, m=70, p=5, b=1, mask="keypad"), torch.float32, 2e-5, 2e-5)
+
+
+# ----------------------------------------------------------------------------- what it refuses
+
+
+def test_explicit_triton_refuses_an_unsupported_head_dim():
+    q = torch.randn(1, 2, 4, 256, device=DEVICE)
+    with pytest.raises(pk.BackendUnavailableError, match="head dims up to 128, got 256"):
+        pk.prefix_attention(q, q, q, backend="triton")
+
+
+def test_explicit_triton_refuses_float64():
+    q = torch.randn(1, 2, 4, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(pk.BackendUnavailableError, match="float64"):
+        pk.prefix_attention(q, q, q, backend="triton")
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    q = torch.randn(1, 2, 4, 16)
+    pk_ = torch.randn(2, 3, 16)
+    assert backends.resolve(OP, "auto", q, q, q, pk_, pk_, None, True, 0.25) == "torch"
+    # ... although triton itself could run them here (explicitly, under the interpreter).
+    if not CUDA:
+        assert backends.resolve(OP, "triton", q, q, q, pk_, pk_, None, True, 0.25) == "triton"
+
+
+@pytest.mark.skipif(not CUDA, reason="a CPU-tensor refusal only exists where triton is compiled for a GPU")
+def test_explicit_triton_refuses_cpu_tensors_on_a_gpu_machine(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(pk.BackendUnavailableError, match="CUDA tensors"):
+        pk.prefix_attention(q, q, q, backend="triton")
