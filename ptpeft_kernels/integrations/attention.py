@@ -59,9 +59,14 @@ def ptpeft_mask(**kwargs: Any) -> Tensor | None:
     """transformers' boolean SDPA mask, skipped (``None``) only where our causal flag is exact."""
     from transformers.masking_utils import sdpa_mask
 
-    if kwargs.get("allow_is_causal_skip", True) and not _ends_aligned(
+    aligned = _ends_aligned(
         kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
-    ):
+    )
+    # A skipped mask means "use the module's is_causal". PaliGemma's Gemma layers set is_causal=False
+    # (use_bidirectional_attention) yet ask for a causal mask, so skipping would make them bidirectional
+    # (transformers' SDPA path does exactly that, eager does not): materialise it for such configs.
+    bidirectional_modules = getattr(kwargs.get("config"), "use_bidirectional_attention", False)
+    if kwargs.get("allow_is_causal_skip", True) and (not aligned or bidirectional_modules):
         kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(**kwargs)
 

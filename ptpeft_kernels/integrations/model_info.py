@@ -144,10 +144,17 @@ def _region(name: str, lm_roots: list[str]) -> str:
     return parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]
 
 
+def _ours(name: str) -> bool:
+    # Modules this library adds (the prefix bank, adapters) are never attention sites or LM roots.
+    return any(part.startswith("ptpeft_") for part in name.split("."))
+
+
 def language_model_roots(model: nn.Module) -> list[str]:
     """Names of the submodules holding the language model (outermost only); [] for text-only models."""
     roots: list[str] = []
     for name, _ in model.named_modules():
+        if _ours(name):
+            continue
         if name.split(".")[-1] in _LM_ROOTS and not any(name.startswith(r + ".") for r in roots):
             roots.append(name)
     return roots
@@ -158,6 +165,8 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
     lm_roots = language_model_roots(model)
     sites: list[AttentionSite] = []
     for name, module in model.named_modules():
+        if _ours(name):
+            continue
         routed = is_routed(type(module))
         if not routed and not _looks_like_attention(module):
             continue
