@@ -134,9 +134,11 @@ def _gemm_kernel(
         out += tl.load(res_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
     c_ptrs = C + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=tile_ok)
-    # Every column tile computes the same row sums; the first one writes them.
-    if HAS_RSUM and pid_n == 0:
-        tl.store(RSUM + split * stride_rss + offs_m, rsum, mask=row_ok)
+    # Every column tile computes the same row sums; the first one writes them. Nested, not `and`:
+    # older Triton front ends reject `constexpr and tensor`.
+    if HAS_RSUM:  # noqa: SIM102
+        if pid_n == 0:
+            tl.store(RSUM + split * stride_rss + offs_m, rsum, mask=row_ok)
 
 
 def _configs():
@@ -194,14 +196,20 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
 
 
 def choose_split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """Splits of K so that a small-output GEMM (r x d over many tokens) fills the GPU.
+    """Splits of K so that a small-output reduction over tokens (r x d, K = tokens) fills the GPU.
 
-    Aim for about two programs per SM counting 64x64 output tiles, with at least 256 of K per split
-    so each partial still amortises its float32 write. MEASURE: threshold untuned.
+    Only reductions whose K dominates the output (K >= 2 max(M, N): the weight gradients dA, dB,
+    dWd, dWu) split; rank-r products over features (x A^T, dy B) have M = tokens and enough tiles.
+    Aim for about two programs per SM counting 64x64 output tiles, with at least 256 of K per
+    split so each float32 partial amortises its write. MEASURE: thresholds untuned on a GPU.
+    The interpreter's tiny shapes relax the ratio so the split path runs in the CPU tests too.
     """
+    on_gpu = device.type == "cuda"
+    if k < (2 * max(m, n) if on_gpu else max(m, n) // 2):
+        return 1
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     want = max(1, (2 * sm_count(device)) // max(1, tiles))
-    return int(max(1, min(want, k // 256 if device.type == "cuda" else k // 16, 64)))
+    return int(max(1, min(want, k // 256 if on_gpu else k // 16, 64)))
 
 
 def gemm(

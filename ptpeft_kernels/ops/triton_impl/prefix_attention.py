@@ -236,7 +236,7 @@ def _bwd_dkdv(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
     stride_mb, stride_mh, stride_mn, stride_mm,
     b, hk, H, N, M, GROUPS, start_n, n_keys, qk_scale, sm_scale,
-    IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, HEAD_D: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -254,7 +254,7 @@ def _bwd_dkdv(
         keep_n = tl.load(MASK + b * stride_mb + offs_n * stride_mm, mask=n_ok, other=0).to(tl.int8)
     # Query tiles [lo, band_end) straddle the causal diagonal of this key tile; from band_end on
     # every row sees all of its keys; rows before lo see none of them and are skipped.
-    if CAUSAL and not IS_PREFIX:
+    if CAUSAL:  # the prefix call passes CAUSAL=False: prefix keys are visible to every query
         lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
         band_end = lo + tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - lo, 0), BLOCK_M) * BLOCK_M
     else:
@@ -424,7 +424,7 @@ def _attn_bwd_kernel(
             stride_pkn, stride_pkd, stride_pvn, stride_pvd,
             stride_dpkn, stride_dpkd, stride_dpvn, stride_dpvd, stride_mb, stride_mh, stride_mn, stride_mm,
             b, hk, H, N, M, GROUPS, start_n, P, qk_scale, sm_scale,
-            IS_PREFIX=True, CAUSAL=CAUSAL, MASK_MODE=0, HEAD_D=HEAD_D,
+            CAUSAL=False, MASK_MODE=0, HEAD_D=HEAD_D,
             BLOCK_M=BLOCK_M1, BLOCK_N=BLOCK_N1, BLOCK_D=BLOCK_D, UPCAST=UPCAST,
         )  # fmt: skip
     elif t < n_pt + n_st:
@@ -437,7 +437,7 @@ def _attn_bwd_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
             stride_mb, stride_mh, stride_mn, stride_mm,
             b, hk, H, N, M, GROUPS, start_n, M, qk_scale, sm_scale,
-            IS_PREFIX=False, CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HEAD_D=HEAD_D,
+            CAUSAL=CAUSAL, MASK_MODE=MASK_MODE, HEAD_D=HEAD_D,
             BLOCK_M=BLOCK_M1, BLOCK_N=BLOCK_N1, BLOCK_D=BLOCK_D, UPCAST=UPCAST,
         )  # fmt: skip
     else:
