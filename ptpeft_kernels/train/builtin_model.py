@@ -42,7 +42,7 @@ from .models import Family, end_text, write_train_meta
 
 # Bump when the generator, the model recipe or the pre-training procedure changes, so old
 # caches are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 BUILTIN_FAMILY = Family(
@@ -263,7 +263,7 @@ def pretrain(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
@@ -373,7 +373,11 @@ def _build(root: Path, spec: BuiltinSpec, *, quiet: bool) -> None:
     shutil.rmtree(root, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
-    if not quiet:
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    else:
         print(f"[ptpeft] building the built-in model and synthetic data in {root} (once; cached)", flush=True)
     pre = synthetic.write_dataset(
         tmp / "pretrain_data",

@@ -101,6 +101,7 @@ class RunConfig:
     save_every: int
     log_every: int
     quiet: bool
+    threads: int = 0
     fail_at_step: int | None = None
     kill_at_step: int | None = None
     extra: dict = field(default_factory=dict)
@@ -113,7 +114,8 @@ class RunConfig:
     @classmethod
     def from_json(cls, data: dict, source: str = "config.json") -> RunConfig:
         names = {f.name for f in fields(cls)}
-        missing = [n for n in names if n not in data and n not in ("fail_at_step", "kill_at_step", "extra")]
+        optional = ("threads", "fail_at_step", "kill_at_step", "extra")
+        missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ValueError(f"{source}: missing keys {sorted(missing)}")
         kw = {k: v for k, v in data.items() if k in names}
@@ -439,7 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention layers that get prefixes: language_model, all (also the vision tower / "
         "Q-Former), or a regex over module names",
     )
-    g.add_argument("--lora-r", type=_positive_int, default=8, help="LoRA rank")
+    g.add_argument(
+        "--lora-r",
+        type=_positive_int,
+        default=8,
+        help="LoRA rank r of the A (r x in) and B (out x r) matrices",
+    )
     g.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (scaling alpha / r)")
     g.add_argument("--lora-dropout", type=_fraction, default=0.0, help="LoRA input dropout")
     g.add_argument(
@@ -524,7 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a resumable checkpoint every N steps (0: only at stage ends)",
     )
     g.add_argument("--log-every", type=_positive_int, default=10, help="log the training loss every N steps")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or per-stage messages")
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or per-stage messages (the final table and errors still print)",
+    )
     g.add_argument(
         "--fail-at-step",
         type=_positive_int,
@@ -699,6 +710,7 @@ def resolve(a: argparse.Namespace) -> RunConfig:
         save_every=a.save_every,
         log_every=a.log_every,
         quiet=a.quiet,
+        threads=a.threads,
         fail_at_step=a.fail_at_step,
         kill_at_step=a.kill_at_step,
     )

@@ -145,7 +145,8 @@ def load_captions(
     images = _list(data, "images", path, "the top level")
     missing = _MissingImages(skip_missing)
     out: list[tuple[str, list[str], int]] = []
-    if "annotations" not in data and images and isinstance(images[0], dict) and "sentences" in images[0]:
+    # A COCO captions file keeps its captions under "annotations"; a Karpathy file inside each image.
+    if "annotations" not in data:
         if split is not None and split not in KARPATHY_SPLITS:
             raise ValueError(f"split must be one of {sorted(KARPATHY_SPLITS)} for {path}, got {split!r}")
         wanted = KARPATHY_SPLITS[split] if split else None

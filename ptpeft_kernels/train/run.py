@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,15 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
                 f"continue it with --resume {run_dir} "
                 "or choose another directory"
             )
-    _quiet_libraries()
+    if cfg.quiet:
+        _quiet_libraries()
+    # Forked DataLoader workers and the tokenizer's own thread pool do not mix.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dist = D.setup(cfg.device)
+    if dist.device.type == "cpu":
+        threads = cfg.threads or (1 if cfg.model is None else 0)
+        if threads:
+            torch.set_num_threads(threads)
     try:
         return _run(cfg, run_dir, dist, resuming=bool(args.resume))
     finally:
@@ -56,6 +64,11 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
+    if cfg.batch_size % (cfg.grad_accum * dist.world_size):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x "
+            f"{dist.world_size} processes (it is the global batch)"
+        )
     files = None
     if cfg.model is None:
         spec = spec_with(cfg.builtin_preset, pretrain_steps=cfg.pretrain_steps)

@@ -8,7 +8,7 @@ one to the other is a real distribution shift:
 ``pretrain``  black background, one or two shapes, captions such as
               "a small red circle at the top left and a blue square in the center .",
               questions about colour and position only.
-``downstream`` grey background, one to four shapes, count-first captions such as
+``downstream`` dark slate background, one to four shapes, count-first captions such as
               "two shapes : a red circle top left , a blue square center .",
               and also counting, yes/no and "what shape" questions.
 
@@ -87,7 +87,7 @@ class SceneSpec:
 
 SCENES = {
     "pretrain": SceneSpec(background=(0, 0, 0), min_shapes=1, max_shapes=2),
-    "downstream": SceneSpec(background=(105, 105, 105), min_shapes=1, max_shapes=4),
+    "downstream": SceneSpec(background=(48, 48, 56), min_shapes=1, max_shapes=4),
 }
 
 

@@ -19,8 +19,19 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 # Small everything: a smoke run is a few optimizer steps and a handful of evaluation samples.
-TINY = ["--builtin-preset", "tiny", "--batch-size", "4", "--eval-batch-size", "8", "--max-new-tokens", "4",
-        "--rank-samples", "4", "--quiet"]
+TINY = [
+    "--builtin-preset",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--eval-batch-size",
+    "8",
+    "--max-new-tokens",
+    "4",
+    "--rank-samples",
+    "4",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,8 +53,9 @@ def tiny_assets(cache_dir):
     return ensure_pretrained("tiny", cache_dir, quiet=True)
 
 
-def run_cli(args: list[str], *, env_extra: dict | None = None, timeout: float = 240,
-            module: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], *, env_extra: dict | None = None, timeout: float = 240, module: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """``python -m ptpeft_kernels.train ARGS`` in a subprocess (one torch thread)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, *(module or ["-m", "ptpeft_kernels.train"]), *args]

@@ -20,26 +20,60 @@ def coco(tmp_path):
     root = tmp_path / "coco"
     for sub, i in [("train2014", 1), ("train2014", 2), ("val2014", 3)]:
         _img(root / sub / f"COCO_{sub}_{i:012d}.jpg")
-    karpathy = {"images": [
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000001.jpg", "split": "train", "cocoid": 1,
-         "sentences": [{"raw": "a red square ."}, {"raw": "red square"}]},
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000002.jpg", "split": "restval", "cocoid": 2,
-         "sentences": [{"raw": "a blue circle ."}]},
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000003.jpg", "split": "test", "cocoid": 3,
-         "sentences": [{"raw": "a green triangle ."}, {"raw": "green triangle"}]},
-    ]}
+    karpathy = {
+        "images": [
+            {
+                "filepath": "train2014",
+                "filename": "COCO_train2014_000000000001.jpg",
+                "split": "train",
+                "cocoid": 1,
+                "sentences": [{"raw": "a red square ."}, {"raw": "red square"}],
+            },
+            {
+                "filepath": "train2014",
+                "filename": "COCO_train2014_000000000002.jpg",
+                "split": "restval",
+                "cocoid": 2,
+                "sentences": [{"raw": "a blue circle ."}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "COCO_val2014_000000000003.jpg",
+                "split": "test",
+                "cocoid": 3,
+                "sentences": [{"raw": "a green triangle ."}, {"raw": "green triangle"}],
+            },
+        ]
+    }
     (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
-    caps = {"images": [{"id": 3, "file_name": "COCO_val2014_000000000003.jpg"}],
-            "annotations": [{"image_id": 3, "id": 9, "caption": "a green triangle ."}]}
+    caps = {
+        "images": [{"id": 3, "file_name": "COCO_val2014_000000000003.jpg"}],
+        "annotations": [{"image_id": 3, "id": 9, "caption": "a green triangle ."}],
+    }
     (tmp_path / "captions_val2014.json").write_text(json.dumps(caps))
-    qs = {"data_subtype": "train2014", "questions": [
-        {"image_id": 1, "question": "what color is the square ?", "question_id": 10},
-        {"image_id": 2, "question": "how many shapes are there ?", "question_id": 20}]}
-    anns = {"annotations": [
-        {"question_id": 10, "image_id": 1, "multiple_choice_answer": "red",
-         "answers": [{"answer": "red"}] * 10},
-        {"question_id": 20, "image_id": 2, "multiple_choice_answer": "1",
-         "answers": [{"answer": "1"}] * 7 + [{"answer": "one"}] * 3}]}
+    qs = {
+        "data_subtype": "train2014",
+        "questions": [
+            {"image_id": 1, "question": "what color is the square ?", "question_id": 10},
+            {"image_id": 2, "question": "how many shapes are there ?", "question_id": 20},
+        ],
+    }
+    anns = {
+        "annotations": [
+            {
+                "question_id": 10,
+                "image_id": 1,
+                "multiple_choice_answer": "red",
+                "answers": [{"answer": "red"}] * 10,
+            },
+            {
+                "question_id": 20,
+                "image_id": 2,
+                "multiple_choice_answer": "1",
+                "answers": [{"answer": "1"}] * 7 + [{"answer": "one"}] * 3,
+            },
+        ]
+    }
     (tmp_path / "q.json").write_text(json.dumps(qs))
     (tmp_path / "a.json").write_text(json.dumps(anns))
     return tmp_path
@@ -64,7 +98,9 @@ def test_coco_captions_file_finds_images_in_subtype_folder(coco):
 
 
 def test_vqa_loader_and_pattern(coco):
-    ex, missing = load_vqa(coco / "q.json", coco / "a.json", coco / "coco", prompt="question : {question} answer :")
+    ex, missing = load_vqa(
+        coco / "q.json", coco / "a.json", coco / "coco", prompt="question : {question} answer :"
+    )
     assert [e.key for e in ex] == [10, 20] and missing == []
     assert ex[0].prompt == "question : what color is the square ? answer :" and ex[0].target == "red"
     assert ex[1].references.count("one") == 3
@@ -82,8 +118,13 @@ def test_missing_image_names_file_and_record_or_is_skipped(coco):
         load_vqa(coco / "q.json", coco / "a.json", coco / "coco", prompt="{question}")
     recs, missing = load_captions(coco / "dataset_coco.json", coco / "coco", "train", skip_missing=True)
     assert [r[2] for r in recs] == [1] and len(missing) == 1 and "cocoid 2" in missing[0]
-    ex, missing = load_vqa(coco / "q.json", coco / "a.json", coco / "coco", prompt="{q}".replace("q", "question"),
-                           skip_missing=True)
+    ex, missing = load_vqa(
+        coco / "q.json",
+        coco / "a.json",
+        coco / "coco",
+        prompt="{q}".replace("q", "question"),
+        skip_missing=True,
+    )
     assert [e.key for e in ex] == [10] and len(missing) == 1
 
 

@@ -4,7 +4,13 @@ import math
 
 import pytest
 
-from ptpeft_kernels.train.metrics import caption_scores, normalize_answer, ptb_tokenize, vqa_accuracy, vqa_scores
+from ptpeft_kernels.train.metrics import (
+    caption_scores,
+    normalize_answer,
+    ptb_tokenize,
+    vqa_accuracy,
+    vqa_scores,
+)
 
 
 def test_ptb_tokenize_lowercases_splits_clitics_and_drops_punctuation():
@@ -42,8 +48,18 @@ def test_caption_scores_bad_input():
 
 @pytest.mark.parametrize(
     "raw, norm",
-    [("Two.", "2"), ("the dog", "dog"), ("dont", "don't"), ("yes!", "yes"), ("1,000", "1000"), ("3.5", "3.5"),
-     ("red, blue", "red blue"), ("a (big) cat", "big cat"), ("left/right", "left right"), ("  TOP Left \n", "top left")],
+    [
+        ("Two.", "2"),
+        ("the dog", "dog"),
+        ("dont", "don't"),
+        ("yes!", "yes"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("red, blue", "red blue"),
+        ("a (big) cat", "big cat"),
+        ("left/right", "left right"),
+        ("  TOP Left \n", "top left"),
+    ],
 )
 def test_vqa_normalisation(raw, norm):
     assert normalize_answer(raw) == norm

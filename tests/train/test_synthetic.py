@@ -44,8 +44,11 @@ def test_formats_and_vocabulary(tmp_path):
 def test_distributions_differ():
     import random
 
-    pre = synthetic.captions(synthetic.sample_scene(random.Random(1), "pretrain"), "pretrain", random.Random(1))
-    down = synthetic.captions(synthetic.sample_scene(random.Random(1), "downstream"), "downstream",
-                              random.Random(1))
+    pre = synthetic.captions(
+        synthetic.sample_scene(random.Random(1), "pretrain"), "pretrain", random.Random(1)
+    )
+    down = synthetic.captions(
+        synthetic.sample_scene(random.Random(1), "downstream"), "downstream", random.Random(1)
+    )
     assert not any(":" in c for c in pre)
     assert all(" : " in c and "shape" in c for c in down)
