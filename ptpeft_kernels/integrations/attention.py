@@ -192,6 +192,10 @@ def ptpeft_attention_forward(
     m = key.shape[2]
     scale = d**-0.5 if scaling is None else float(scaling)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if getattr(module, "_ptpeft_cross", False):
+        # Cross-attention is never causal, whatever the module says (transformers 5.17's Kosmos-2
+        # projection keeps is_causal=True there; its eager path ignores it, its SDPA path does not).
+        causal = False
     causal = bool(causal) and n > 1  # one query attends to every cached key: no mask needed
     prefix = _module_prefix(module, query.dtype)
 
@@ -299,6 +303,12 @@ def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -
     for config in configs:
         if config._attn_implementation != implementation:
             config._attn_implementation_internal = implementation
+    if implementation == ATTN_IMPLEMENTATION:
+        from .model_info import find_attention_sites
+
+        for site in find_attention_sites(model):
+            if site.cross:
+                object.__setattr__(site.module, "_ptpeft_cross", True)
     return model
 
 

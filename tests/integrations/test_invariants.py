@@ -16,6 +16,9 @@ def test_fresh_lora_fresh_adapters_and_zero_prefixes_change_nothing(family):
     untouched = base_model(family)
     with torch.no_grad():
         ref = untouched(**batch).logits
+        # apply_prefix switches attention to "ptpeft": compare it with the untouched model on the same
+        # attention (ptpeft vs eager/sdpa is test_attention's subject).
+        ref_ptpeft = pk.enable_ptpeft_attention(untouched)(**batch).logits
         valid = valid_positions(family, batch, ref)
         setups = {
             "lora (B = 0)": lambda m: pk.apply_lora(m, r=4, alpha=8),
@@ -27,7 +30,8 @@ def test_fresh_lora_fresh_adapters_and_zero_prefixes_change_nothing(family):
         }
         for name, setup in setups.items():
             out = setup(base_model(family))(**batch).logits
-            torch.testing.assert_close(out[valid], ref[valid], atol=1e-6, rtol=1e-6, msg=f"{family}: {name}")
+            want = ref_ptpeft if "prefix" in name else ref
+            torch.testing.assert_close(out[valid], want[valid], atol=1e-6, rtol=1e-6, msg=f"{family}: {name}")
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "bert", "llava", "blip2", "qwen2_vl", "florence2"])
