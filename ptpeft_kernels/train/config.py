@@ -525,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-workers", type=_nonneg_int, default=0, help="DataLoader worker processes for image loading"
     )
     g.add_argument(
+        "--threads",
+        type=_nonneg_int,
+        default=0,
+        help="torch CPU threads (0: auto = 1 for the built-in model on the CPU, whose matrices are too small "
+        "for a second thread to pay and which collapses when the cores are shared; else torch's default)",
+    )
+    g.add_argument(
         "--save-every",
         type=_nonneg_int,
         default=100,

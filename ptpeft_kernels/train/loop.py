@@ -287,6 +287,7 @@ class Trainer:
             mine,
             batch_size=self.cfg.eval_batch_size,
             shuffle=False,
+            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
             collate_fn=self.gen_collator,
             num_workers=self.cfg.num_workers,
         )
@@ -543,8 +544,15 @@ class Trainer:
             dist.rank,
             world,
         )
+        # An own generator: a DataLoader iterator otherwise draws its seed from the global RNG, and a
+        # resumed run (which creates its iterator at another point) would see other dropout masks.
         loader = torch.utils.data.DataLoader(
-            step_data, batch_size=None, shuffle=False, num_workers=cfg.num_workers, collate_fn=lambda x: x
+            step_data,
+            batch_size=None,
+            shuffle=False,
+            num_workers=cfg.num_workers,
+            collate_fn=lambda x: x,
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         bar = tqdm(total=steps, initial=first, desc=stage.name, disable=not self.show, dynamic_ncols=True)
         window: list[float] = list(state.get("log_window", []))

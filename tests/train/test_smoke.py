@@ -49,3 +49,14 @@ def test_every_method_and_task_runs(tmp_path, tiny_assets, method, task):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in lines if r["type"] == "eval"] == ["pretrained"] + [s["name"] for s in stages]
     assert json.loads((out / "report.json").read_text())["complete"] is True
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_assets):
+    def losses(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["type"] == "train"]
+
+    args = [*TINY, "--method", "pt-lora", "--steps", "4", "--log-every", "1", "--rank-samples", "0"]
+    train([*args, "--output-dir", str(tmp_path / "a")])
+    train([*args, "--gradient-checkpointing", "--output-dir", str(tmp_path / "b")])
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5, abs=1e-6)
