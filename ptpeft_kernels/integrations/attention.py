@@ -233,7 +233,10 @@ def ptpeft_attention_forward(
         )
     else:
         pk, pv = prefix if prefix is not None else (None, None)
-        out = prefix_attention(query, key, value, pk, pv, attn_mask=keep, causal=causal, scale=scale)
+        # backend=None: PTPEFT_BACKEND (default auto) chooses, so a whole model can be pinned to one backend.
+        out = prefix_attention(
+            query, key, value, pk, pv, attn_mask=keep, causal=causal, scale=scale, backend=None
+        )
     return out.transpose(1, 2).contiguous(), None
 
 

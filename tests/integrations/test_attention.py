@@ -270,3 +270,38 @@ def test_generation_does_not_copy_shared_prefixes_per_sample():
     assert k.shape == (2, 3, 8) and v.shape == (2, 3, 8)  # (Hkv, P, D): no batch dimension
     assert k.data_ptr() == model.ptpeft_prefix.encoders["language_model"].prefix[0, 0].data_ptr()
     copy.deepcopy(model)(**tiny_inputs("llama", batch=3, pads=[0, 1, 2]))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_triton_backend_through_the_model_matches_torch(family, monkeypatch):
+    """The whole model pinned to one backend with PTPEFT_BACKEND (Triton runs interpreted on the CPU)."""
+    model = pk.apply_prefix(base_model(family), num_prefix=3, reparam_hidden=16)
+    randomize_added(model)
+    batch = tiny_inputs(family, pads=[0, 2])
+    valid = batch["attention_mask"].bool()
+    from ptpeft_kernels import backends
+
+    used, get_impl = set(), backends.get_impl
+
+    def spy(op, backend, *args, **kwargs):
+        used.add((op, backend))
+        return get_impl(op, backend, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "get_impl", spy)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("PTPEFT_BACKEND", backend)
+        m = copy.deepcopy(model).train()
+        logits = m(**batch).logits
+        logits[valid].pow(2).mean().backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        m.eval()
+        tokens = m.generate(**batch, **generate_kwargs(2))
+        results[backend] = (logits.detach(), grads, tokens)
+    assert {("prefix_attention", "torch"), ("prefix_attention", "triton")} <= used
+    (a, ga, ta), (b, gb, tb) = results["torch"], results["triton"]
+    torch.testing.assert_close(b[valid], a[valid], atol=2e-5, rtol=1e-4)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert torch.equal(ta, tb)
