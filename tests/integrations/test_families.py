@@ -131,3 +131,25 @@ def test_prefix_reaches_every_language_model_self_attention():
     assert len(slots) == 1 + 2 + 2  # vision layer, Q-Former self-attention (not its cross-attention), OPT
     assert not any("crossattention" in n for n in slots)
     assert set(everything.ptpeft_prefix.encoders) == {"vision_model", "qformer", "language_model"}
+
+
+def test_bfloat16_model_keeps_float32_prefixes_and_trains_all_kinds():
+    model = base_model("llava").to(torch.bfloat16)
+    pk.apply_prefix(model, num_prefix=3, reparam_hidden=16)
+    pk.apply_lora(model, r=4)
+    pk.apply_adapter(model, bottleneck=4)
+    randomize_added(model)
+    batch = tiny_inputs("llava", pads=[0, 2])
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    model.train()
+    logits = model(**batch).logits
+    assert logits.dtype == torch.bfloat16
+    logits[batch["attention_mask"].bool()].float().pow(2).mean().backward()
+    kinds = parameter_kinds(model)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            # the prefixes are float32 master weights; LoRA / adapters follow the base dtype
+            assert p.dtype == (torch.float32 if kinds[name] == "prefix" else torch.bfloat16), name
+    model.eval()
+    assert model.generate(**batch, **generate_kwargs(2)).shape[1] == batch["input_ids"].shape[1] + 2
