@@ -358,13 +358,14 @@ def _load_lora(model: nn.Module, directory: Path, info: dict | None) -> None:
             )
             modules[n] = {"r": r, "alpha": alpha}
         if (
-            peft.get("fan_in_fan_out")
+            peft.get("use_dora")
+            or peft.get("fan_in_fan_out")
             or peft.get("modules_to_save")
             or (peft.get("bias") or "none") != "none"
         ):
             raise ValueError(
-                f"{directory / PEFT_CONFIG_NAME}: fan_in_fan_out, modules_to_save and LoRA biases "
-                f"are not supported"
+                f"{directory / PEFT_CONFIG_NAME}: DoRA, fan_in_fan_out, modules_to_save and LoRA "
+                f"biases are not supported"
             )
         info = {"dropout": peft.get("lora_dropout", 0.0), "use_rslora": bool(peft.get("use_rslora", False))}
     _lora_from(model, modules, info["dropout"], info["use_rslora"], file)

@@ -305,3 +305,17 @@ def test_triton_backend_through_the_model_matches_torch(family, monkeypatch):
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], atol=1e-6, rtol=1e-4, msg=name)
     assert torch.equal(ta, tb)
+
+
+def test_from_pretrained_with_attn_implementation_ptpeft(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    pk.register_attention()
+    base_model("llava").save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="ptpeft").eval()
+    assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {"ptpeft"}
+    batch = tiny_inputs("llava", pads=[0, 2])
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours, ref = model(**batch).logits, pk.set_attention(base_model("llava"), "eager")(**batch).logits
+    torch.testing.assert_close(ours[valid], ref[valid], atol=2e-5, rtol=1e-4)

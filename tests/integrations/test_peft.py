@@ -122,3 +122,14 @@ def test_import_peft_prefix_rejects_a_mismatched_embedding():
         pk.import_peft_prefix(base_model("llama"), bad)
     with pytest.raises(ValueError, match="expected a 2-D 'prompt_embeddings'"):
         pk.import_peft_prefix(base_model("llama"), {"other": torch.zeros(3)})
+
+
+def test_unsupported_peft_lora_variants_are_refused(tmp_path):
+    theirs = peft.get_peft_model(
+        base_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    )
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match="DoRA, fan_in_fan_out, modules_to_save and LoRA biases are not supported"
+    ):
+        pk.load_adapters(base_model("llama"), tmp_path)
