@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import warnings
 
-import torch
 from torch import Tensor, nn
 
 from ..layers import PrefixEncoder
@@ -38,19 +37,6 @@ def _group_key(region: str, hkv: int, head_dim: int, taken: dict[str, tuple[str,
     return key
 
 
-def layer_prefix(encoder: PrefixEncoder, layer: int) -> Tensor:
-    """Layer ``layer`` of ``encoder()``, shape (2, Hkv, P, D), computing only that layer's MLP rows."""
-    if not encoder.reparameterized:
-        return encoder.prefix[layer]
-    width = 2 * encoder.num_kv_heads * encoder.head_dim
-    first, last = encoder.mlp[0], encoder.mlp[2]
-    hidden = torch.tanh(first(encoder.embedding.weight))  # (P, hidden)
-    rows = slice(layer * width, (layer + 1) * width)
-    flat = nn.functional.linear(hidden, last.weight[rows], None if last.bias is None else last.bias[rows])
-    flat = flat.view(encoder.num_prefix, 2, encoder.num_kv_heads, encoder.head_dim)
-    return flat.permute(1, 2, 0, 3)
-
-
 class _PrefixSlot:
     """What an attention module holds: where its prefix comes from (a plain object, not a Module)."""
 
@@ -58,8 +44,7 @@ class _PrefixSlot:
         self.bank, self.group, self.layer, self.site = bank, group, layer, site
 
     def kv(self) -> tuple[Tensor, Tensor]:
-        both = layer_prefix(self.bank.encoders[self.group], self.layer)
-        return both[0], both[1]
+        return self.bank.encoders[self.group].layer(self.layer)
 
 
 class PrefixBank(nn.Module):
@@ -75,16 +60,14 @@ class PrefixBank(nn.Module):
         """JSON-able description (what :func:`~ptpeft_kernels.load_adapters` rebuilds from)."""
         out = {}
         for key, enc in self.encoders.items():
-            hidden = None if not enc.reparameterized else enc.mlp[0].out_features
-            embed = None if not enc.reparameterized else enc.embedding.embedding_dim
             out[key] = {
                 "sites": self.sites[key],
                 "num_layers": enc.num_layers,
                 "num_kv_heads": enc.num_kv_heads,
                 "head_dim": enc.head_dim,
                 "num_prefix": enc.num_prefix,
-                "reparam_hidden": hidden,
-                "embed_dim": embed,
+                "reparam_hidden": enc.reparam_hidden,
+                "embed_dim": enc.embed_dim,
             }
         return out
 

@@ -61,6 +61,36 @@ class PrefixEncoder(nn.Module):
     def reparameterized(self) -> bool:
         return self.mlp is not None
 
+    @property
+    def reparam_hidden(self) -> int | None:
+        """Hidden width of the reparameterisation MLP (None for a flat or folded encoder)."""
+        return None if self.mlp is None else self.mlp[0].out_features
+
+    @property
+    def embed_dim(self) -> int | None:
+        """Width of the prefix-position embedding (None for a flat or folded encoder)."""
+        return None if self.embedding is None else self.embedding.embedding_dim
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s (key, value) prefixes, each (Hkv, P, D), equal to ``forward()[index]``.
+
+        Only that layer's rows of the output projection are computed, so calling this per
+        layer as the layer runs (which keeps gradient checkpointing's recomputation exact)
+        costs one tanh(embedding) MLP hidden state per call, not the whole output.
+        """
+        if not -self.num_layers <= index < self.num_layers:
+            raise IndexError(f"layer index {index} out of range for {self.num_layers} layers")
+        index %= self.num_layers
+        if self.mlp is None:
+            return self.prefix[index, 0], self.prefix[index, 1]
+        first, last = self.mlp[0], self.mlp[2]
+        hidden = torch.tanh(first(self.embedding.weight))  # (P, hidden)
+        width = 2 * self.num_kv_heads * self.head_dim
+        rows = slice(index * width, (index + 1) * width)
+        flat = nn.functional.linear(hidden, last.weight[rows], None if last.bias is None else last.bias[rows])
+        both = flat.view(self.num_prefix, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return both[0], both[1]
+
     def forward(self) -> torch.Tensor:
         if self.mlp is None:
             return self.prefix

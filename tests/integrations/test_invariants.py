@@ -80,12 +80,3 @@ def test_adapter_hooks_follow_lora_wrapping_and_merging():
         torch.testing.assert_close(model(**batch).logits, with_adapters, atol=1e-6, rtol=1e-6)
         plain = base_model("llama")(**batch).logits
     assert (with_adapters - plain).abs().max() > 1e-3
-
-
-def test_layer_prefix_slices_equal_the_full_encoder_output():
-    from ptpeft_kernels.integrations.prefix import layer_prefix
-
-    enc = pk.PrefixEncoder(num_layers=3, num_kv_heads=2, head_dim=4, num_prefix=5, reparam_hidden=7)
-    full = enc()
-    for layer in range(3):
-        torch.testing.assert_close(layer_prefix(enc, layer), full[layer], atol=1e-6, rtol=1e-6)

@@ -131,3 +131,17 @@ def test_prefix_encoder_zero_prefix_and_bad_arguments():
         pk.PrefixEncoder(2, 2, 4, -1)
     with pytest.raises(TypeError, match="head_dim must be an int"):
         pk.PrefixEncoder(2, 2, 4.0, 3)
+
+
+@pytest.mark.parametrize("reparam_hidden", [7, None])
+def test_prefix_encoder_layer_equals_the_full_output(reparam_hidden):
+    torch.manual_seed(0)
+    enc = pk.PrefixEncoder(3, num_kv_heads=2, head_dim=4, num_prefix=5, reparam_hidden=reparam_hidden)
+    full = enc()
+    for index in (0, 1, 2, -1):
+        k, v = enc.layer(index)
+        torch.testing.assert_close(k, full[index, 0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v, full[index, 1], atol=1e-6, rtol=1e-6)
+    assert (enc.reparam_hidden, enc.embed_dim) == ((7, 8) if reparam_hidden else (None, None))
+    with pytest.raises(IndexError, match="out of range for 3 layers"):
+        enc.layer(3)
