@@ -4,8 +4,8 @@ Backends, by preference under ``auto``: ``cuda`` (the compiled extension
 ``ptpeft_kernels._C``), ``triton`` (on CUDA tensors; on CPU tensors only when
 ``TRITON_INTERPRET=1`` and asked for explicitly — ``auto`` never picks a backend other
 than ``torch`` for CPU tensors) and ``torch`` (pure PyTorch, runs
-everywhere). A backend is chosen per call from ``backend=`` or, when that is ``None``,
-the ``PTPEFT_BACKEND`` environment variable (default ``auto``).
+everywhere). A backend is chosen per call from ``backend=``; when that is ``auto`` (the default) or
+``None``, the ``PTPEFT_BACKEND`` environment variable decides if it is set.
 
 Each op module registers its implementations with :func:`register`; the ``triton``
 and ``cuda`` implementations live in modules that are imported lazily, the first time
@@ -113,12 +113,20 @@ def _load(backend: str) -> None:
 
 
 def requested_backend(backend: str | None) -> str:
-    """Resolve ``None`` through ``PTPEFT_BACKEND`` and validate the name."""
-    source = "backend"
-    if backend is None:
-        backend, source = os.environ.get(ENV_VAR, "auto"), ENV_VAR
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    """Validate ``backend``; ``auto`` (or ``None``) defers to ``PTPEFT_BACKEND`` when that is set.
+
+    A concrete backend passed by the caller wins over the environment, so the variable
+    pins every call that did not choose, layers and integrations included.
+    """
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in (None, "auto"):
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+            return env
+        return "auto"
     return backend
 
 

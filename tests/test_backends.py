@@ -23,15 +23,27 @@ def test_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
         assert "triton" not in pk.available_backends()
 
 
-def test_environment_variable_selects_the_backend(monkeypatch):
-    monkeypatch.setenv("PTPEFT_BACKEND", "torch")
-    assert backends.requested_backend(None) == "torch"
+def test_environment_variable_selects_the_backend_unless_the_caller_chose(monkeypatch):
+    monkeypatch.setenv("PTPEFT_BACKEND", "triton")
+    assert backends.requested_backend(None) == "triton"
+    assert backends.requested_backend("auto") == "triton"
+    assert backends.requested_backend("torch") == "torch"
     monkeypatch.setenv("PTPEFT_BACKEND", "fast")
     with pytest.raises(ValueError, match="PTPEFT_BACKEND must be one of"):
-        backends.requested_backend(None)
+        backends.requested_backend("auto")
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(ValueError, match="PTPEFT_BACKEND must be one of"):
-        pk.prefix_attention(q, q, q, backend=None)
+        pk.prefix_attention(q, q, q)
+    monkeypatch.delenv("PTPEFT_BACKEND")
+    assert backends.requested_backend(None) == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
+def test_layers_follow_the_environment_variable(monkeypatch):
+    layer = pk.LoRALinear(torch.nn.Linear(4, 4), r=2)
+    monkeypatch.setenv("PTPEFT_BACKEND", "cuda")
+    with pytest.raises(pk.BackendUnavailableError, match="backend='cuda' cannot run lora_linear"):
+        layer(torch.randn(2, 4))
 
 
 def test_auto_uses_torch_for_cpu_tensors():

@@ -256,7 +256,8 @@ def adapter(
         activation: ``gelu`` | ``gelu_tanh`` | ``relu`` | ``silu``.
         scaling: multiplies the adapter branch.
         residual: (..., d_out); defaults to ``x`` (then ``d_out == d_in``).
-        backend: ``auto`` | ``cuda`` | ``triton`` | ``torch``; ``None`` reads ``PTPEFT_BACKEND``.
+        backend: ``auto`` | ``cuda`` | ``triton`` | ``torch``; ``auto`` follows ``PTPEFT_BACKEND``
+            when it is set, else takes the first that runs of cuda, triton, torch.
 
     Returns:
         (..., d_out) in ``x.dtype``.

@@ -240,7 +240,8 @@ def lora_linear(
         lora_A: (r, in_features); lora_B: (out_features, r).
         scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
         dropout_p: dropout probability on the LoRA branch's input (pass 0 in eval mode).
-        backend: ``auto`` | ``cuda`` | ``triton`` | ``torch``; ``None`` reads ``PTPEFT_BACKEND``.
+        backend: ``auto`` | ``cuda`` | ``triton`` | ``torch``; ``auto`` follows ``PTPEFT_BACKEND``
+            when it is set, else takes the first that runs of cuda, triton, torch.
 
     Returns:
         (..., out_features) in ``x.dtype``.

@@ -495,7 +495,8 @@ def prefix_attention(
         causal: bottom-right aligned — query i sees sequence key j iff ``j <= i + (M - N)``;
             needs ``M >= N``.
         scale: score scale, default ``D ** -0.5``.
-        backend: ``auto`` | ``cuda`` | ``triton`` | ``torch``; ``None`` reads ``PTPEFT_BACKEND``.
+        backend: ``auto`` | ``cuda`` | ``triton`` | ``torch``; ``auto`` follows ``PTPEFT_BACKEND``
+            when it is set, else takes the first that runs of cuda, triton, torch.
 
     Returns:
         (B, Hq, N, D) in ``q.dtype`` (the layout of ``scaled_dot_product_attention``);
