@@ -107,15 +107,15 @@ def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dic
         from .report import write_report
 
         write_report(run_dir, report)
-        if not cfg.quiet:
-            print()
-            print(format_table(report))
-            if data.missing_train or data.missing_eval:
-                print(
-                    f"skipped {len(data.missing_train)} training and {len(data.missing_eval)} evaluation "
-                    "records with missing images (listed in report.json)"
-                )
-            print(f"run directory: {run_dir}")
+        # The final table prints under --quiet too: it is the result of the run.
+        print()
+        print(format_table(report))
+        if data.missing_train or data.missing_eval:
+            print(
+                f"skipped {len(data.missing_train)} training and {len(data.missing_eval)} evaluation "
+                "records with missing images (listed in report.json)"
+            )
+        print(f"run directory: {run_dir}", flush=True)
     return report
 
 

@@ -1,0 +1,75 @@
+"""The driver on other families than the built-in model: tiny random LLaVA and BLIP-2 checkpoints."""
+
+import json
+
+import pytest
+
+from ptpeft_kernels.train.data import IGNORE_INDEX, Collator, load_vqa
+from ptpeft_kernels.train.models import end_text, family_for, load_processor
+from ptpeft_kernels.train.run import train
+
+from .conftest import TINY
+from .tiny_families import build_blip2, build_llava
+
+BUILDERS = {"llava": build_llava, "blip-2": build_blip2}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def checkpoint(request, tmp_path_factory):
+    return request.param, BUILDERS[request.param](tmp_path_factory.mktemp(request.param) / "ckpt")
+
+
+def test_family_template_and_labels(checkpoint, tiny_assets):
+    name, path = checkpoint
+    model_type, family = family_for(path)
+    assert model_type == name
+    processor = load_processor(path)
+    split = tiny_assets.downstream_data.splits["train"]
+    examples, _ = load_vqa(
+        split.questions, split.annotations, tiny_assets.downstream_data.image_dir, prompt=family.vqa_prompt
+    )
+    batch = Collator(processor, family.template, end_text(family, processor), "train")(examples[:3])
+    tok = processor.tokenizer
+    for i, e in enumerate(examples[:3]):
+        labels = batch["labels"][i]
+        assert tok.decode(labels[labels != IGNORE_INDEX]) == f"{e.target} </s>"
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_family_trains_and_evaluates(checkpoint, tiny_assets, tmp_path, task):
+    name, path = checkpoint
+    d = tiny_assets.downstream_data
+    data = (
+        ["--captions", str(d.karpathy)]
+        if task == "caption"
+        else [
+            "--questions",
+            str(d.splits["train"].questions),
+            "--annotations",
+            str(d.splits["train"].annotations),
+            "--val-questions",
+            str(d.splits["val"].questions),
+            "--val-annotations",
+            str(d.splits["val"].annotations),
+        ]
+    )
+    out = tmp_path / "run"
+    report = train(
+        [
+            *TINY,
+            "--model",
+            str(path),
+            "--task",
+            task,
+            *data,
+            "--image-dir",
+            str(d.image_dir),
+            "--steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert report["complete"] and [s["name"] for s in report["stages"]] == ["stage1-prefix", "stage2-lora"]
+    assert json.loads((out / "config.json").read_text())["model"] == str(path)
+    assert (out / "stage2-lora" / "adapter_config.json").is_file()

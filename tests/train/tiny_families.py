@@ -1,0 +1,147 @@
+"""Tiny random LLaVA and BLIP-2 checkpoints with real processors, saved as Hugging Face folders.
+
+They exercise the driver's generic path (family prompt templates, processor-made image tokens,
+label alignment) on families other than the built-in model. The tokenizer is word-level over
+the synthetic vocabulary plus the words of the families' prompts. (Qwen2-VL's processor needs
+torchvision for its video half, which this machine lacks.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ptpeft_kernels.train import synthetic
+from ptpeft_kernels.train.models import FAMILIES
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+def _tokenizer(extra_special: list[str]):
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<s>", "</s>", *extra_special]
+    prompt_words = []
+    for fam in FAMILIES.values():
+        for text in (fam.template, fam.caption_prompt, fam.vqa_prompt):
+            prompt_words += re.findall(r"\w+|[^\w\s]", text.replace("{prompt}", "").replace("{question}", ""))
+    vocab: dict[str, int] = {}
+    for w in special + synthetic.vocabulary() + prompt_words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tk.add_special_tokens(special)
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def _finish(model, processor, out: Path) -> Path:
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_llava(out: Path) -> Path:
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = _tokenizer(["<image>"])
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    size = {"height": 32, "width": 32}
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size=size, crop_size=size, do_center_crop=False),
+        tokenizer=tok,
+        patch_size=16,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return _finish(LlavaForConditionalGeneration(cfg), proc, out)
+
+
+def build_blip2(out: Path) -> Path:
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessorPil,
+        OPTConfig,
+    )
+
+    tok = _tokenizer(["<image>"])
+    tok.image_token = "<image>"
+    cfg = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            vocab_size=len(tok),
+        ).to_dict(),
+        text_config=OPTConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            max_position_embeddings=256,
+        ).to_dict(),
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return _finish(
+        Blip2ForConditionalGeneration(cfg),
+        Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=4),
+        out,
+    )
