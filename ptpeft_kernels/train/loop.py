@@ -402,6 +402,8 @@ class Trainer:
         state: dict[str, Any]
         start_stage, start_step, opt_state, sched_state = 0, 0, None, None
         if resume is None:
+            # A --resume of a run killed before its first checkpoint starts over: drop its partial log.
+            self.log.truncate(0)
             torch.manual_seed(cfg.seed)
             pre = self.eval_point("pretrained", 0)
             summary = _summary(self.model)

@@ -95,7 +95,7 @@ def plot_losses(run_dir: str | os.PathLike, records: list[dict[str, Any]], prima
         ax2.set_ylabel(primary)
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+        ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
     else:
         ax.legend(fontsize=8)
     ax.set_title("training loss and evaluation")
