@@ -263,6 +263,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
+    def _autocast(self):
+        """bfloat16 autocast on the GPU under --bf16; nothing otherwise (no CUDA context on the CPU)."""
+        if self.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def say(self, text: str) -> None:
         if self.show:
             print(f"[ptpeft] {text}", flush=True)
@@ -296,7 +302,7 @@ class Trainer:
         bar = tqdm(loader, desc="evaluating", disable=not self.show, leave=False, dynamic_ncols=True)
         for batch in bar:
             inputs = model_inputs(batch, self.dist.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            with self._autocast():
                 out = model.generate(
                     **inputs,
                     max_new_tokens=self.cfg.max_new_tokens,
@@ -573,7 +579,7 @@ class Trainer:
                 sync = m == len(micro) - 1 or not dist.enabled
                 ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    with self._autocast():
                         out = ddp(**inputs, use_cache=False)
                     logits = out.logits
                     if logits.shape[1] != labels.shape[1]:

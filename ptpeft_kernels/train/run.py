@@ -85,6 +85,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dic
         build_s = 0.0
     _, family = family_for(model_path)
     processor = load_processor(model_path)
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.pad_token is None:  # batching needs one; the padded positions carry no labels
+        tok.pad_token = tok.eos_token
     data = load_run_data(cfg, family, files)
     model = load_model(model_path, DTYPES[cfg.dtype]).to(dist.device)
     model.eval()

@@ -60,3 +60,21 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_assets):
     train([*args, "--output-dir", str(tmp_path / "a")])
     train([*args, "--gradient-checkpointing", "--output-dir", str(tmp_path / "b")])
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-5, abs=1e-6)
+
+
+def test_epochs_budget_converts_to_steps(tmp_path, tiny_assets):
+    # 8 training examples at batch 4: 2 steps per epoch; pt-lora splits 1.5 epochs 50/50.
+    report = train(
+        [
+            *TINY,
+            "--epochs",
+            "1.5",
+            "--max-train-samples",
+            "8",
+            "--rank-samples",
+            "0",
+            "--output-dir",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert [s["steps"] for s in report["stages"]] == [2, 2] and report["global_steps"] == 4
