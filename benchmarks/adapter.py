@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     providers["unfused"] = (lambda: reference(x), [x, *reference.parameters()])
 
     shape = f"x{tuple(x.shape)} bottleneck{args.bottleneck} {args.activation}"
-    rows = []
-    for name, (fn, inputs) in providers.items():
-        for mode, call in modes_for(fn, inputs, args.modes).items():
-            rows.append(measure("adapter", name, mode, shape, dtype, device, call, args.warmup, args.repeats))
+    calls = [
+        (name, mode, call, None)
+        for name, (fn, inputs) in providers.items()
+        for mode, call in modes_for(fn, inputs, args.modes).items()
+    ]
+    rows = measure("adapter", calls, shape, dtype, device, args.warmup, args.repeats)
     print(f"bottleneck adapter, {shape}, {dtype}, {device}")
     print_table(rows, baseline="unfused")
     if not args.no_csv:

@@ -93,17 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     shape = f"B{b} H{h} N{n} P{p} D{d} {'causal' if causal else 'full'}"
     fwd_flops = 4.0 * b * h * d * visible_pairs(n, n, p, causal)
     flops = {"forward": fwd_flops, "backward": 2.5 * fwd_flops, "full": 3.5 * fwd_flops}
-    rows = []
+    calls = []
     for name, (fn, inputs) in providers.items():
+        pairs = visible_pairs(n, n, 0 if name == "sdpa-noprefix" else p, causal)
         for mode, call in modes_for(fn, inputs, args.modes).items():
-            flop = (
-                flops[mode]
-                if name != "sdpa-noprefix"
-                else flops[mode] * (visible_pairs(n, n, 0, causal) / visible_pairs(n, n, p, causal))
-            )
-            rows.append(
-                measure("attn", name, mode, shape, dtype, device, call, args.warmup, args.repeats, flop)
-            )
+            calls.append((name, mode, call, flops[mode] * pairs / visible_pairs(n, n, p, causal)))
+    rows = measure("attn", calls, shape, dtype, device, args.warmup, args.repeats)
     print(f"prefix attention, {shape}, {dtype}, {device}")
     print_table(rows, baseline="peft-sdpa")
     if not args.no_csv:

@@ -1,7 +1,8 @@
 """Shared benchmark harness: timing, peak memory, the results table and the CSV log.
 
-Timing: ``repeats`` runs after ``warmup`` runs; reported as median, p20 and p80 in
-milliseconds (CUDA runs are synchronised around each call). Peak memory: on CUDA,
+Timing: ``repeats`` runs after ``warmup`` runs, the providers interleaved run by run;
+reported as median, p20 and p80 in milliseconds (CUDA runs are synchronised around each
+call). Peak memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on the
 CPU, the high-water mark of the allocator events PyTorch's profiler records during the
 call (every tensor allocation, including those inside fused kernels), again above the
@@ -121,30 +122,42 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 
 def measure(
     benchmark: str,
-    provider: str,
-    mode: str,
+    calls: list[tuple[str, str, Callable[[], object], float | None]],
     shape: str,
     dtype: torch.dtype,
     device: torch.device,
-    fn: Callable[[], object],
     warmup: int,
     repeats: int,
-    flops: float | None = None,
-) -> Row:
-    times = time_ms(fn, device, warmup, repeats)
-    median = statistics.median(times)
-    return Row(
-        benchmark,
-        provider,
-        mode,
-        shape,
-        str(dtype).replace("torch.", ""),
-        median,
-        quantile(times, 0.2),
-        quantile(times, 0.8),
-        peak_memory_mib(fn, device),
-        None if flops is None else flops / (median * 1e-3) / 1e12,
-    )
+) -> list[Row]:
+    """Time every (provider, mode, fn, flops) call, interleaved: repeat r runs each call once in turn.
+
+    Interleaving spreads slow drifts of the machine (frequency, neighbours) over every
+    provider alike instead of charging them to whichever happened to run during them.
+    """
+    for _, _, fn, _ in calls:
+        time_ms(fn, device, warmup, 0)
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, (_, _, fn, _) in enumerate(calls):
+            times[i].extend(time_ms(fn, device, 0, 1))
+    rows = []
+    for (provider, mode, fn, flops), t in zip(calls, times, strict=True):
+        median = statistics.median(t)
+        rows.append(
+            Row(
+                benchmark,
+                provider,
+                mode,
+                shape,
+                str(dtype).replace("torch.", ""),
+                median,
+                quantile(t, 0.2),
+                quantile(t, 0.8),
+                peak_memory_mib(fn, device),
+                None if flops is None else flops / (median * 1e-3) / 1e12,
+            )
+        )
+    return rows
 
 
 def print_table(rows: list[Row], baseline: str | None = None) -> None:

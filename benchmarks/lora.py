@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     providers["base-linear"] = (lambda: base(x), [x])
 
     shape = f"x{tuple(x.shape)} W{fout}x{fin} r{args.rank}"
-    rows = []
-    for name, (fn, inputs) in providers.items():
-        for mode, call in modes_for(fn, inputs, args.modes).items():
-            rows.append(measure("lora", name, mode, shape, dtype, device, call, args.warmup, args.repeats))
+    calls = [
+        (name, mode, call, None)
+        for name, (fn, inputs) in providers.items()
+        for mode, call in modes_for(fn, inputs, args.modes).items()
+    ]
+    rows = measure("lora", calls, shape, dtype, device, args.warmup, args.repeats)
     print(f"LoRA linear, {shape}, {dtype}, {device}, W frozen")
     print_table(rows, baseline="peft")
     if not args.no_csv:

@@ -116,16 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     providers = {"ptpeft-stage2": stage2, "ptpeft-lora": ours, "peft-lora": theirs}
     seq = inputs["input_ids"].shape[1]
     shape = f"B={args.batch} L={seq} r={args.rank} P={args.num_prefix} preset={args.preset}"
-    rows = []
+    calls, trainable = [], {}
     for name, model in providers.items():
         fns = _step_fns(model, inputs)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        for mode in modes:
-            row = measure(
-                "train_step", name, mode, shape, dtype, device, fns[mode], args.warmup, args.repeats
-            )
-            row.extra = {"trainable_params": trainable}
-            rows.append(row)
+        trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        calls += [(name, mode, fns[mode], None) for mode in modes]
+    rows = measure("train_step", calls, shape, dtype, device, args.warmup, args.repeats)
+    for row in rows:
+        row.extra = {"trainable_params": trainable[row.provider]}
     print(f"built-in model ({args.preset}) stage-2 training step, {shape}, {device}")
     print_table(rows, baseline="peft-lora")
     if not args.no_csv:

@@ -273,7 +273,7 @@ def _part_forward(q: Tensor, part: _Part, scale: float) -> tuple[Tensor, Tensor]
         if part.keep is not None:  # the fused kernel reports lse = 0 for rows it saw nothing in
             rows = _rows_visible(part.keep, part.causal_offset, n)
             lse = lse.masked_fill(~rows, float("-inf"))
-            out = out.masked_fill(~rows[..., None], 0.0)
+            out = out.masked_fill_(~rows[..., None], 0.0)
         return out, lse
     scores = _math_scores(q, part, scale)
     lse = torch.logsumexp(scores, dim=-1)
@@ -285,16 +285,19 @@ def _part_forward(q: Tensor, part: _Part, scale: float) -> tuple[Tensor, Tensor]
 
 
 def _merge(results: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Softmax-weighted sum of the parts' outputs: weights exp(lse_i - lse), lse = logsumexp_i(lse_i)."""
     if len(results) == 1:
         out, lse = results[0]
         return out.to(dtype), lse.to(_acc_dtype(dtype))
     acc = _acc_dtype(dtype)
     lse = torch.logsumexp(torch.stack([r[1].to(acc) for r in results]), dim=0)
     safe = lse.masked_fill(torch.isinf(lse), 0.0)
-    out = None
-    for part_out, part_lse in results:
-        term = torch.exp(part_lse.to(acc) - safe)[..., None] * part_out.to(acc)
-        out = term if out is None else out.add_(term)
+    # Accumulate in place into the first part's output (a fresh tensor the parts own): at
+    # B4 H8 N1024 D64 fp32 the out-of-place version spent 15 ms of a 65 ms forward here.
+    first_out, first_lse = results[0]
+    out = first_out.to(acc).mul_(torch.exp(first_lse.to(acc) - safe)[..., None])
+    for part_out, part_lse in results[1:]:
+        out.addcmul_(part_out, torch.exp(part_lse.to(acc) - safe)[..., None])
     return out.to(dtype), lse
 
 
