@@ -4,7 +4,7 @@ Under the CPU interpreter the shapes are small but span several output tiles, pa
 and, for the token reductions (dA, dB), several split-K partials.
 """
 
-import sys
+import importlib
 
 import pytest
 import torch
@@ -133,7 +133,7 @@ def test_public_dropout_is_reproducible_under_manual_seed():
 
 def test_gemm_split_k_and_row_sums_match_torch():
     """The building block on its own: split-K partials, row sums, every epilogue term."""
-    gemm = sys.modules["ptpeft_kernels.ops.triton_impl.gemm"].gemm
+    gemm = importlib.import_module("ptpeft_kernels.ops.triton_impl.gemm").gemm
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(45, 70, generator=gen).to(DEVICE)
     b = torch.randn(70, 37, generator=gen).to(DEVICE)
@@ -154,7 +154,8 @@ def test_gemm_split_k_and_row_sums_match_torch():
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the autotuner runs these configs itself")
 def test_every_gpu_tile_config_is_correct(monkeypatch):
-    gemm_mod = sys.modules["ptpeft_kernels.ops.triton_impl.gemm"]
+    # imported by name: under xdist this test may be a worker's first use of the triton backend
+    gemm_mod = importlib.import_module("ptpeft_kernels.ops.triton_impl.gemm")
     for config in gemm_mod._configs():
         monkeypatch.setattr(gemm_mod, "_interpreter_meta", lambda m, n, k, c=config: dict(c.kwargs))
         t = make((2, 19), 40, 72, 8, torch.float32, w_grad=True)

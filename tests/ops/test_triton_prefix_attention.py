@@ -7,7 +7,7 @@ partial query/key tiles. On a CUDA machine the same cases run natively with long
 """
 
 import dataclasses
-import sys
+import importlib
 
 import pytest
 import torch
@@ -168,7 +168,7 @@ def test_shared_prefix_gradient_is_the_batch_sum_of_per_batch_prefix_gradients()
 
 def test_launchers_write_every_element_of_nan_filled_outputs():
     """The public op allocates its outputs; the launchers take them, so pre-fill them with NaN."""
-    impl = sys.modules["ptpeft_kernels.ops.triton_impl.prefix_attention"]
+    impl = importlib.import_module("ptpeft_kernels.ops.triton_impl.prefix_attention")
     case = Case(n=37, m=45, p=5, mask="full_empty_rows")
     (q, k, v, pk_, pv_), mask = to_device(*make_inputs(case, torch.float32))
     q, k, v, pk_, pv_ = (t.detach() for t in (q, k, v, pk_, pv_))
@@ -216,7 +216,7 @@ def test_prefix_only_attention_with_no_sequence_keys():
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
 def test_every_gpu_tile_config_is_correct(which, monkeypatch):
     """The GPU autotune configs cannot be timed here, but each must still compute the right answer."""
-    impl = sys.modules["ptpeft_kernels.ops.triton_impl.prefix_attention"]
+    impl = importlib.import_module("ptpeft_kernels.ops.triton_impl.prefix_attention")
     configs = impl._fwd_configs() if which == "fwd" else impl._bwd_configs()
     for config in configs:
         monkeypatch.setattr(impl, "_INTERP_FWD" if which == "fwd" else "_INTERP_BWD", dict(config.kwargs))

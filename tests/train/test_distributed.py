@@ -57,7 +57,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, single):
     a, b = _lora(out), _lora(ref_dir)
     assert a.keys() == b.keys() and a
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): where a gradient is ~0 the all-reduce's reassociation noise is
+        # scaled up to a fraction of the step size (stage-2 lr 1e-3); seen: 2.5e-6 on 1 of 8192.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     # Only rank 0 writes: one line per logged step, not two.
     assert sum(1 for _ in (out / "metrics.jsonl").open()) == sum(
         1 for _ in (ref_dir / "metrics.jsonl").open()
