@@ -333,11 +333,18 @@ class Trainer:
         pre-trained model) on the first ``--rank-samples`` evaluation examples."""
         if self.cfg.rank_samples == 0 or not self.dist.is_main:
             return None
-        from ..analysis import cka, collect_features, remaining_rank_ratio, spectrum_deviation
+        from ..analysis import (
+            cka,
+            collect_features,
+            cumulative_spectrum,
+            rank_ratio_from_curve,
+            spectrum_deviation,
+        )
 
         feats = collect_features(self.model, self._rank_batches(), layer=-1, device=self.dist.device)
         feats = [f.float() for f in feats]
-        out = {"rank_ratio": remaining_rank_ratio(feats, threshold=self.cfg.rank_threshold)}
+        curve = cumulative_spectrum(feats)
+        out = {"rank_ratio": rank_ratio_from_curve(curve, threshold=self.cfg.rank_threshold)}
         if self.base_features is None:
             # The pre-trained model's features, kept (and saved, for --resume) to compare every stage with.
             from safetensors.torch import save_file
@@ -349,6 +356,8 @@ class Trainer:
             os.replace(tmp, path)
         out["deviation"] = spectrum_deviation(self.base_features, feats)
         out["cka"] = cka(self.base_features, feats)
+        # The curve behind the ratio, so reports can be plotted and compared without the features.
+        out["spectrum"] = curve.tolist()
         return out
 
     def eval_point(self, name: str, global_step: int) -> dict[str, Any]:
