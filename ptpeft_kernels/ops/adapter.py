@@ -9,11 +9,14 @@ their fake and autograd registrations, and the public function. The Triton kerne
 in ``ops/triton_impl/adapter.py``.
 """
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .. import backends
 from .._checks import autocast_inputs, check_dim, check_same, check_scalar, check_tensor, describe
+from ._eager import eager_function
 from .activations import activate, activation_grad, check_activation
 
 __all__ = ["adapter", "adapter_ref"]
@@ -140,8 +143,7 @@ def _torch_backward(
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("ptpeft::adapter", mutates_args=())
-def _adapter_op(
+def _forward_impl(
     x: Tensor,
     down_weight: Tensor,
     down_bias: Tensor | None,
@@ -156,14 +158,16 @@ def _adapter_op(
     return impl(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual)
 
 
+_adapter_op = torch.library.custom_op("ptpeft::adapter", mutates_args=())(_forward_impl)
+
+
 @_adapter_op.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, backend):
     tokens = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], up_weight.shape[0]), x.new_empty(tokens, down_weight.shape[0])
 
 
-@torch.library.custom_op("ptpeft::adapter_backward", mutates_args=())
-def _adapter_backward_op(
+def _backward_impl(
     dy: Tensor,
     x: Tensor,
     down_weight: Tensor,
@@ -183,6 +187,9 @@ def _adapter_backward_op(
     )
 
 
+_adapter_backward_op = torch.library.custom_op("ptpeft::adapter_backward", mutates_args=())(_backward_impl)
+
+
 @_adapter_backward_op.register_fake
 def _(
     dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs, backend
@@ -200,7 +207,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
 
 
-def _backward(ctx, dy, _dh):
+def _backward_with(run, ctx, dy, _dh):
     x, down_weight, down_bias, up_weight, up_bias, h = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [
@@ -210,7 +217,7 @@ def _backward(ctx, dy, _dh):
         bool(n[3]),
         up_bias is not None and bool(n[4]),
     ]
-    grads = _adapter_backward_op(
+    grads = run(
         dy,
         x,
         down_weight,
@@ -229,7 +236,11 @@ def _backward(ctx, dy, _dh):
     return dx, dwd, dbd, dwu, dbu, None, None, dres, None
 
 
-_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+# torch.compile traces the custom op (backward through the backward op); eager calls skip the dispatch.
+_adapter_op.register_autograd(partial(_backward_with, _adapter_backward_op), setup_context=_setup_context)
+_AdapterEager = eager_function(
+    "_AdapterEager", _forward_impl, _setup_context, partial(_backward_with, _backward_impl)
+)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -269,4 +280,5 @@ def adapter(
     name = backends.resolve(
         OP, backend, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual
     )
-    return _adapter_op(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, name)[0]
+    run = _adapter_op if torch.compiler.is_compiling() else _AdapterEager.apply
+    return run(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, name)[0]

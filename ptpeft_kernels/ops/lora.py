@@ -13,11 +13,14 @@ PyTorch's default generator, so ``torch.manual_seed`` makes runs repeatable) and
 regenerated in the backward instead of being stored.
 """
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .. import backends
 from .._checks import autocast_inputs, check_dim, check_same, check_scalar, check_tensor, describe
+from ._eager import eager_function
 
 __all__ = ["lora_linear", "lora_linear_ref", "dropout_mask", "draw_dropout_seed"]
 
@@ -149,8 +152,7 @@ def _torch_backward(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, 
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("ptpeft::lora_linear", mutates_args=())
-def _lora_linear_op(
+def _forward_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -164,14 +166,16 @@ def _lora_linear_op(
     return backends.get_impl(OP, backend)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
+_lora_linear_op = torch.library.custom_op("ptpeft::lora_linear", mutates_args=())(_forward_impl)
+
+
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     tokens = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(tokens, lora_A.shape[0])
 
 
-@torch.library.custom_op("ptpeft::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(
+def _backward_impl(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -189,6 +193,11 @@ def _lora_linear_backward_op(
     return impl(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, needs)
 
 
+_lora_linear_backward_op = torch.library.custom_op("ptpeft::lora_linear_backward", mutates_args=())(
+    _backward_impl
+)
+
+
 @_lora_linear_backward_op.register_fake
 def _(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, needs, backend):
     shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
@@ -203,19 +212,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
 
 
-def _backward(ctx, dy, _dh):
+def _backward_with(run, ctx, dy, _dh):
     x, weight, bias, lora_A, lora_B, h = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if bias is None:
         needs[2] = False
-    grads = _lora_linear_backward_op(
+    grads = run(
         dy, x, weight, bias, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, ctx.seed, needs, ctx.backend
     )
     grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
     return (*grads, None, None, None, None)
 
 
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# torch.compile traces the custom op (backward through the backward op); eager calls skip the dispatch.
+_lora_linear_op.register_autograd(
+    partial(_backward_with, _lora_linear_backward_op), setup_context=_setup_context
+)
+_LoRALinearEager = eager_function(
+    "_LoRALinearEager", _forward_impl, _setup_context, partial(_backward_with, _backward_impl)
+)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -250,4 +265,5 @@ def lora_linear(
     scaling, dropout_p = _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
     name = backends.resolve(OP, backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    return _lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)[0]
+    run = _lora_linear_op if torch.compiler.is_compiling() else _LoRALinearEager.apply
+    return run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)[0]

@@ -15,11 +15,14 @@ registrations, and the public function. The Triton kernels live in
 ``ops/triton_impl/prefix_attention.py`` so that importing this file never imports Triton.
 """
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .. import backends
 from .._checks import autocast_inputs, check_same, check_scalar, check_tensor, describe
+from ._eager import eager_function
 
 __all__ = ["prefix_attention", "prefix_attention_ref"]
 
@@ -401,8 +404,7 @@ def _join(grads: list[Tensor], like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("ptpeft::prefix_attention", mutates_args=())
-def _prefix_attention_op(
+def _forward_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -417,13 +419,15 @@ def _prefix_attention_op(
     return out, lse
 
 
+_prefix_attention_op = torch.library.custom_op("ptpeft::prefix_attention", mutates_args=())(_forward_impl)
+
+
 @_prefix_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
 
 
-@torch.library.custom_op("ptpeft::prefix_attention_backward", mutates_args=())
-def _prefix_attention_backward_op(
+def _backward_impl(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -439,6 +443,11 @@ def _prefix_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(dout.contiguous(), q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
+
+
+_prefix_attention_backward_op = torch.library.custom_op("ptpeft::prefix_attention_backward", mutates_args=())(
+    _backward_impl
+)
 
 
 @_prefix_attention_backward_op.register_fake
@@ -458,9 +467,9 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
+def _backward_with(run, ctx, dout, _dlse):
     q, k, v, prefix_k, prefix_v, attn_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dpk, dpv = _prefix_attention_backward_op(
+    dq, dk, dv, dpk, dpv = run(
         dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, ctx.causal, ctx.scale, ctx.backend
     )
     if prefix_k is None:
@@ -468,7 +477,13 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, dpk, dpv, None, None, None, None
 
 
-_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# torch.compile traces the custom op (backward through the backward op); eager calls skip the dispatch.
+_prefix_attention_op.register_autograd(
+    partial(_backward_with, _prefix_attention_backward_op), setup_context=_setup_context
+)
+_PrefixAttentionEager = eager_function(
+    "_PrefixAttentionEager", _forward_impl, _setup_context, partial(_backward_with, _backward_impl)
+)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -508,4 +523,5 @@ def prefix_attention(
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     attn_mask, scale = _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     name = backends.resolve(OP, backend, q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
-    return _prefix_attention_op(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, name)[0]
+    run = _prefix_attention_op if torch.compiler.is_compiling() else _PrefixAttentionEager.apply
+    return run(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, name)[0]
