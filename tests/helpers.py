@@ -21,9 +21,16 @@ DTYPE_TOLS = [
 ]
 
 
-def assert_close(name: str, actual: torch.Tensor, ref64: torch.Tensor, *, atol: float | None = None,
-                 rtol: float | None = None, ref_lowp: torch.Tensor | None = None,
-                 factor: float = FWD_FACTOR) -> None:
+def assert_close(
+    name: str,
+    actual: torch.Tensor,
+    ref64: torch.Tensor,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    ref_lowp: torch.Tensor | None = None,
+    factor: float = FWD_FACTOR,
+) -> None:
     """Check ``actual`` against the float64 ``ref64`` with the rule for ``actual.dtype``."""
     assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != ref {tuple(ref64.shape)}"
     actual64 = actual.detach().double()
@@ -38,7 +45,8 @@ def assert_close(name: str, actual: torch.Tensor, ref64: torch.Tensor, *, atol: 
         bound = factor * base + floor
         assert err.max().item() <= bound, (
             f"{name}: max error {err.max().item():.3e} vs float64 exceeds {factor}x the same-dtype "
-            f"reference's {base:.3e} (+ floor {floor:.1e})")
+            f"reference's {base:.3e} (+ floor {floor:.1e})"
+        )
     else:
         atol = 1e-12 if atol is None and actual.dtype == torch.float64 else atol
         rtol = 1e-10 if rtol is None and actual.dtype == torch.float64 else rtol
@@ -46,7 +54,8 @@ def assert_close(name: str, actual: torch.Tensor, ref64: torch.Tensor, *, atol: 
         worst = (err - bound).argmax()
         assert (err <= bound).all(), (
             f"{name}: max error {err.max().item():.3e}; worst element {actual64.flatten()[worst].item():.6g} "
-            f"vs reference {ref64.flatten()[worst].item():.6g} (atol {atol}, rtol {rtol})")
+            f"vs reference {ref64.flatten()[worst].item():.6g} (atol {atol}, rtol {rtol})"
+        )
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
@@ -64,3 +73,21 @@ def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
 
 def grads(out: torch.Tensor, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.autograd.grad(out, inputs, grad_out, allow_unused=False))
+
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # where the Triton tests run (the CPU means the interpreter)
+
+
+def triton_marks() -> list:
+    """``pytestmark`` of the Triton test files: marked ``triton``, skipped where it cannot run."""
+    import pytest
+
+    import ptpeft_kernels as pk
+
+    return [
+        pytest.mark.triton,
+        pytest.mark.skipif(
+            "triton" not in pk.available_backends(), reason="needs triton (a GPU or the interpreter)"
+        ),
+    ]

@@ -9,18 +9,10 @@ import ptpeft_kernels as pk
 from ptpeft_kernels import backends
 from ptpeft_kernels.ops.activations import ACTIVATIONS
 from ptpeft_kernels.ops.adapter import adapter_ref
-from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf
+from tests.helpers import CUDA, DEVICE, DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf, triton_marks
 from tests.ops.test_adapter import make
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(
-        "triton" not in pk.available_backends(), reason="needs triton (a GPU or the interpreter)"
-    ),
-]
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = triton_marks()
 OP = "adapter"
 NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
 

@@ -12,18 +12,10 @@ import torch
 import ptpeft_kernels as pk
 from ptpeft_kernels import backends
 from ptpeft_kernels.ops.lora import draw_dropout_seed, lora_linear_ref
-from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf
+from tests.helpers import CUDA, DEVICE, DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf, triton_marks
 from tests.ops.test_lora import make
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(
-        "triton" not in pk.available_backends(), reason="needs triton (a GPU or the interpreter)"
-    ),
-]
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = triton_marks()
 OP = "lora_linear"
 
 # (lead shape of x, in, out, r, bias, weight needs grad): every shape once with each dtype, the

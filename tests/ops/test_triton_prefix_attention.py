@@ -15,18 +15,19 @@ import torch
 import ptpeft_kernels as pk
 from ptpeft_kernels import backends
 from ptpeft_kernels.ops.prefix_attention import prefix_attention_ref
-from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf, noncontiguous
+from tests.helpers import (
+    CUDA,
+    DEVICE,
+    DTYPE_TOLS,
+    GRAD_FACTOR,
+    assert_close,
+    leaf,
+    noncontiguous,
+    triton_marks,
+)
 from tests.ops.test_prefix_attention import Case, make_inputs, run
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(
-        "triton" not in pk.available_backends(), reason="needs triton (a GPU or the interpreter)"
-    ),
-]
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = triton_marks()
 OP = "prefix_attention"
 
 
