@@ -1,0 +1,244 @@
+"""``python -m ptpeft_kernels.reproduce``: a tiny end-to-end run, its tables against the per-run reports,
+reuse of finished runs, refused options, and the verdicts on made-up numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptpeft_kernels.analysis import reproduction as R
+from ptpeft_kernels.reproduce import build_parser, main, reproduce
+
+# A few steps of the tiny built-in model with a handful of evaluation samples: seconds per run.
+TINY_TRAIN = ["--batch-size", "4", "--eval-batch-size", "8", "--max-new-tokens", "4", "--rank-samples", "4"]
+METHODS = ["lora", "pt-lora"]
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ptpeft-cache")
+
+
+def _argv(out: Path, cache: Path, steps: int = 2) -> list[str]:
+    return [
+        "--builtin-preset",
+        "tiny",
+        "--cache-dir",
+        str(cache),
+        "--methods",
+        *METHODS,
+        "--seeds",
+        str(SEEDS),
+        "--steps",
+        str(steps),
+        "--output-dir",
+        str(out),
+        "--quiet",
+        "--",
+        *TINY_TRAIN,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_cache):
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("reproduce")
+    try:
+        result = reproduce(_argv(out, tiny_cache))
+    finally:
+        torch.set_num_threads(threads)
+    return out, result
+
+
+def _reports(out: Path) -> dict[tuple[str, int], dict]:
+    return {
+        (m, s): json.loads((out / "runs" / f"{m}-seed{s}" / "report.json").read_text())
+        for m in METHODS
+        for s in range(SEEDS)
+    }
+
+
+def _last(report: dict) -> tuple[float, float, float, float]:
+    st = report["stages"][-1]
+    rep = st["representation"]
+    return st["scores"]["CIDEr"], rep["rank_ratio"], rep["deviation"], rep["cka"]
+
+
+def _fmt(values: list[float], spec: str) -> str:
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def test_tiny_reproduction_writes_tables_equal_to_the_run_reports(tiny_run):
+    out, result = tiny_run
+    assert result["trained"] == len(METHODS) * SEEDS and result["reused"] == 0
+    for name in ("reproduce.md", "reproduce.csv", "reproduce_runs.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "reproduce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    reports = _reports(out)
+    for (m, s), rep in reports.items():
+        assert rep["complete"] and rep["method"] == m and rep["global_steps"] == 2
+        assert json.loads((out / "runs" / f"{m}-seed{s}" / "config.json").read_text())["seed"] == s
+
+    # One row per run: exactly the numbers of its report.json.
+    with open(out / "reproduce_runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], int(r["seed"])) for r in rows] == list(reports)
+    for r in rows:
+        want = _last(reports[(r["method"], int(r["seed"]))])
+        got = tuple(float(r[k]) for k in ("CIDEr", "rank_ratio", "deviation", "cka"))
+        assert got == want
+
+    # One row per method: means and standard deviations over the seeds' reports.
+    with open(out / "reproduce.csv") as fh:
+        agg = {r["method"]: r for r in csv.DictReader(fh)}
+    assert list(agg) == ["pretrained", *METHODS]
+    assert (
+        float(agg["lora"]["paper_rank_ratio"]) == 52.0
+        and float(agg["pretrained"]["paper_rank_ratio"]) == 68.2
+    )
+    assert agg["pt-lora"]["paper_rank_ratio"] == ""
+    md = (out / "reproduce.md").read_text()
+    for m in METHODS:
+        per_seed = [_last(reports[(m, s)]) for s in range(SEEDS)]
+        for i, key in enumerate(("CIDEr", "rank_ratio", "deviation", "cka")):
+            vals = [v[i] for v in per_seed]
+            assert float(agg[m][f"{key}_mean"]) == pytest.approx(statistics.fmean(vals), abs=1e-12)
+            assert float(agg[m][f"{key}_std"]) == pytest.approx(statistics.stdev(vals), abs=1e-12)
+        assert int(agg[m]["trainable_params"]) == reports[(m, 0)]["stages"][-1]["trainable_params"]
+        # The markdown row shows the same statistics, formatted.
+        cells = [
+            _fmt([v[0] for v in per_seed], ".1f"),
+            _fmt([v[1] for v in per_seed], ".1f"),
+            _fmt([v[2] for v in per_seed], ".3f"),
+            _fmt([v[3] for v in per_seed], ".3f"),
+        ]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {m} |"))
+        assert " | ".join(cells) in row, (row, cells)
+    pre = [r["pretrained"]["representation"]["rank_ratio"] for r in reports.values()]
+    assert float(agg["pretrained"]["rank_ratio_mean"]) == pytest.approx(statistics.fmean(pre), abs=1e-12)
+    # The paper's numbers side by side, the verdicts, the plot link.
+    assert "| lora | 52.0 | -16.2 |" in md and "| pre-trained | 68.2 | +0.0 |" in md
+    assert "(a) weight-modifying" in md and "(c) pt-*" in md and "![" in md and "reproduce.png" in md
+
+
+def test_rerun_reuses_finished_runs_and_continues_unfinished_ones(tiny_run, tiny_cache, capsys):
+    out, _ = tiny_run
+    before = _reports(out)
+    # An interrupted run: its report is gone, its checkpoints are there.
+    (out / "runs" / "pt-lora-seed1" / "report.json").unlink()
+    mtime = (out / "runs" / "lora-seed0" / "report.json").stat().st_mtime_ns
+    threads = torch.get_num_threads()
+    try:
+        result = reproduce(_argv(out, tiny_cache))
+    finally:
+        torch.set_num_threads(threads)
+    assert result["trained"] == 1 and result["reused"] == len(METHODS) * SEEDS - 1
+    assert (out / "runs" / "lora-seed0" / "report.json").stat().st_mtime_ns == mtime
+    after = _reports(out)
+    assert {k: _last(v) for k, v in after.items()} == {k: _last(v) for k, v in before.items()}
+    assert "--resume" in (out / "runs" / "pt-lora-seed1" / "driver.log").read_text()
+
+
+def test_other_settings_in_the_same_output_dir_are_refused(tiny_run, tiny_cache, capsys):
+    out, _ = tiny_run
+    assert main(_argv(out, tiny_cache, steps=3)) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "steps" in err
+
+
+@pytest.mark.parametrize("opt", ["--method", "--meth", "--seed", "--output-dir=x", "--resume", "--model"])
+def test_options_reproduce_sets_itself_are_refused_after_the_separator(tmp_path, opt, capsys):
+    assert main(["--output-dir", str(tmp_path / "o"), "--", opt, "full"]) == 2
+    assert "set by reproduce itself" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_explains_every_option():
+    text = build_parser().format_help()
+    for opt in ("--methods", "--seeds", "--steps", "--task", "--output-dir", "--quick", "--quiet", "--jobs"):
+        assert opt in text
+    assert "-- TRAIN_OPTIONS" in text
+
+
+# ----------------------------------------------------------------------------------- verdicts
+
+
+def _fake(method: str, seed: int, score: float, rank: float, dev: float, cka: float) -> R.RunResult:
+    curve = [0.5, 0.8, 1.0]
+    report = {
+        "task": "caption",
+        "primary_metric": "CIDEr",
+        "complete": True,
+        "global_steps": 10,
+        "total_time_s": 5.0,
+        "pretrained": {
+            "scores": {"CIDEr": 30.0},
+            "representation": {"rank_ratio": 60.0, "deviation": 0.0, "cka": 1.0, "spectrum": curve},
+        },
+        "stages": [
+            {
+                "trainable_params": 100,
+                "train_time_s": 4.0,
+                "scores": {"CIDEr": score},
+                "representation": {"rank_ratio": rank, "deviation": dev, "cka": cka, "spectrum": curve},
+            }
+        ],
+    }
+    return R.RunResult(method, seed, f"/runs/{method}-seed{seed}", report)
+
+
+def _summary(table: dict[str, tuple[float, float, float, float]]) -> R.Reproduction:
+    runs = []
+    for m, (score, rank, dev, cka) in table.items():
+        for seed, jitter in enumerate((-0.001, 0.001)):
+            runs.append(_fake(m, seed, score + jitter, rank, dev + jitter / 10, cka))
+    return R.summarize(runs)
+
+
+PAPER_LIKE = {
+    "prefix": (80.0, 60.0, 0.010, 0.95),
+    "lora": (100.0, 50.0, 0.080, 0.70),
+    "full": (105.0, 45.0, 0.100, 0.60),
+    "pt-lora": (104.0, 55.0, 0.040, 0.85),
+}
+
+
+def test_verdicts_agree_when_the_numbers_follow_the_paper():
+    vs = R.verdicts(_summary(PAPER_LIKE))
+    assert [v.status for v in vs] == ["agrees", "agrees", "agrees"]
+    assert R.overall(vs).startswith("The small-scale result agrees with every tested claim")
+
+
+def test_verdicts_disagree_when_the_numbers_contradict_the_paper():
+    contrary = {
+        "prefix": (80.0, 45.0, 0.200, 0.50),  # prefix collapses the space the most
+        "lora": (100.0, 60.0, 0.010, 0.95),
+        "full": (105.0, 60.0, 0.020, 0.90),
+        "pt-lora": (50.0, 45.0, 0.300, 0.40),  # far from the best score, further from pre-trained
+    }
+    vs = R.verdicts(_summary(contrary))
+    assert [v.status for v in vs] == ["disagrees", "disagrees", "disagrees"]
+
+
+def test_verdicts_report_partial_agreement_and_untested_claims():
+    mixed = dict(PAPER_LIKE, lora=(100.0, 60.0, 0.080, 0.70))  # lora keeps the rank ratio, moves the spectrum
+    vs = R.verdicts(_summary(mixed))
+    assert vs[0].status == "partly" and any("lora 60.0 vs prefix 60.0: no" in d for d in vs[0].details)
+    only = R.verdicts(_summary({"lora": PAPER_LIKE["lora"], "full": PAPER_LIKE["full"]}))
+    assert [v.status for v in only] == ["not tested"] * 3
+
+
+def test_rank_ordering_and_paper_table():
+    rep = _summary(PAPER_LIKE)
+    assert R.ordering(rep) == "pre-trained 60.0 = prefix 60.0 > pt-lora 55.0 > lora 50.0 > full 45.0"
+    rows = {r[0]: r for r in R.paper_rows(rep)}
+    assert rows["full"][1:3] == ["47.0", "-21.2"] and rows["full"][4] == "-15.0"
+    assert rows["pt-lora"][1] == "not quoted"
