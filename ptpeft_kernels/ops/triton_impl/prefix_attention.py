@@ -43,6 +43,22 @@ def supports(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
 
 
 @triton.jit
+def _query_block_key_range(start_m, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sequence keys of a query block: [0, full_hi) every row sees, [full_hi, hi) need the causal band.
+
+    Keys from ``hi`` on are invisible to the whole block (bottom-right causal) and never loaded.
+    """
+    if CAUSAL:
+        last_row = tl.minimum(start_m + BLOCK_M, N) - 1
+        hi = tl.minimum(M, last_row + (M - N) + 1)
+        full_hi = (tl.minimum(start_m + (M - N) + 1, M) // BLOCK_N) * BLOCK_N
+    else:
+        hi = M
+        full_hi = (M // BLOCK_N) * BLOCK_N
+    return full_hi, hi
+
+
+@triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, KB, VB, stride_kn, stride_kd, stride_vn, stride_vd,
     start_n, n_keys, offs_m, offs_d, d_ok, row_ok, diag, qk_scale,
@@ -132,13 +148,7 @@ def _attn_fwd_kernel(
 
     # Sequence keys: [0, full_hi) is visible to every row of the block, [full_hi, hi) needs masking,
     # keys from hi on are invisible to the whole block (bottom-right causal) and never loaded.
-    if CAUSAL:
-        last_row = tl.minimum(start_m + BLOCK_M, N) - 1
-        hi = tl.minimum(M, last_row + diag + 1)
-        full_hi = (tl.minimum(start_m + diag + 1, M) // BLOCK_N) * BLOCK_N
-    else:
-        hi = M
-        full_hi = (M // BLOCK_N) * BLOCK_N
+    full_hi, hi = _query_block_key_range(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
     KB = K + b * stride_kb + hk * stride_kh
     VB = V + b * stride_vb + hk * stride_vh
     for start_n in range(0, full_hi, BLOCK_N):
@@ -356,13 +366,7 @@ def _bwd_dq(
             start_n, P, offs_m, row_ok, offs_d, d_ok, diag, qk_scale, MB, stride_mn, stride_mm,
             BOUNDS=True, CAUSAL_BAND=False, MASK_MODE=0, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
         )  # fmt: skip
-    if CAUSAL:
-        last_row = tl.minimum(start_m + BLOCK_M, N) - 1
-        hi = tl.minimum(M, last_row + diag + 1)
-        full_hi = (tl.minimum(start_m + diag + 1, M) // BLOCK_N) * BLOCK_N
-    else:
-        hi = M
-        full_hi = (M // BLOCK_N) * BLOCK_N
+    full_hi, hi = _query_block_key_range(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
     KB = K + b * stride_kb + hk * stride_kh
     VB = V + b * stride_vb + hk * stride_vh
     for start_n in range(0, full_hi, BLOCK_N):
