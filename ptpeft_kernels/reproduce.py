@@ -37,7 +37,7 @@ from .train.config import build_parser as build_train_parser
 DEFAULT_SEEDS = 3
 # Measured on a 2-core CPU (one torch thread per run): see docs/reproduce/reproduce.md.
 DEFAULT_STEPS = 400
-QUICK_STEPS = 120
+QUICK_STEPS = 150
 QUICK_SEEDS = 1
 
 # Driver options that reproduce sets itself for every run.
@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="training runs at once, each in its own process with one torch thread (2 on an idle 2-core "
-        "machine is about twice as fast, but the per-run times in the table then include the contention; "
-        "default 1)",
+        help="training runs at once, each in its own process with one torch thread (the same numbers; on an "
+        "idle 2-core machine 2 jobs took 72 s instead of 113 s for --quick --steps 120, but the per-run "
+        "times in the table then include the contention; default 1)",
     )
     p.add_argument(
         "--cache-dir",
@@ -259,6 +259,15 @@ def _train_one(argv: list[str], log_path: str) -> dict[str, Any]:
         return train(argv)
 
 
+def _worker_init() -> None:
+    # A spawned worker would hand its DataLoader workers the "spawn" method too, which cannot pickle the
+    # driver's collate function; the platform's default start method is what a driver run normally sees.
+    import multiprocessing as mp
+
+    if "fork" in mp.get_all_start_methods():
+        mp.set_start_method("fork", force=True)
+
+
 def _argv_for(run: PlannedRun) -> list[str]:
     return ["--resume", str(run.run_dir), "--quiet"] if run.status == "resume" else run.argv
 
@@ -353,19 +362,19 @@ def reproduce(argv: list[str] | None = None) -> dict[str, Any]:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {}
-            for i, r in pending:
-                futures[pool.submit(_train_one, _argv_for(r), str(r.run_dir / "driver.log"))] = (
-                    i,
-                    r,
-                    time.perf_counter(),
-                )
-                started(i, r)
+        with ProcessPoolExecutor(
+            max_workers=args.jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init
+        ) as pool:
+            futures = {
+                pool.submit(_train_one, _argv_for(r), str(r.run_dir / "driver.log")): (i, r)
+                for i, r in pending
+            }
+            say(f"{len(pending)} runs queued, {args.jobs} at a time")
             for fut in as_completed(futures):
-                i, r, t = futures[fut]
+                i, r = futures[fut]
                 reports[i] = fut.result()
-                say(f"[{i + 1}/{len(runs)}] {_result_line(r, reports[i], time.perf_counter() - t)}")
+                # Its own time (training and evaluation), not the time since it was queued.
+                say(f"[{i + 1}/{len(runs)}] {_result_line(r, reports[i], reports[i]['total_time_s'])}")
 
     results = [R.RunResult(r.method, r.seed, str(r.run_dir), reports[i]) for i, r in enumerate(runs)]
     summary = R.summarize(results)

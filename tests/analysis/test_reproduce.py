@@ -147,6 +147,17 @@ def test_rerun_reuses_finished_runs_and_continues_unfinished_ones(tiny_run, tiny
     assert "--resume" in (out / "runs" / "pt-lora-seed1" / "driver.log").read_text()
 
 
+def test_parallel_jobs_give_the_numbers_of_the_sequential_runs(tiny_run, tiny_cache, tmp_path):
+    out, _ = tiny_run
+    argv = _argv(tmp_path / "par", tiny_cache)
+    argv[argv.index("--methods") + 1 : argv.index("--seeds")] = ["lora"]
+    result = reproduce(["--jobs", "2", *argv])
+    assert result["trained"] == SEEDS
+    for s in range(SEEDS):
+        par = json.loads((tmp_path / "par" / "runs" / f"lora-seed{s}" / "report.json").read_text())
+        assert _last(par) == _last(_reports(out)[("lora", s)])
+
+
 def test_other_settings_in_the_same_output_dir_are_refused(tiny_run, tiny_cache, capsys):
     out, _ = tiny_run
     assert main(_argv(out, tiny_cache, steps=3)) == 2
