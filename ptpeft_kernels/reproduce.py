@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .train.checkpoint import atomic_write_text
 from .train.config import METHODS, TASKS, _HelpFormatter, _positive_int, parse_args, resolve
 from .train.config import build_parser as build_train_parser
 
@@ -394,10 +395,29 @@ def reproduce(argv: list[str] | None = None) -> dict[str, Any]:
         "as recorded in their reports)",
         "seeds": " ".join(str(s) for s in range(args.seeds)),
     }
+    # Each invocation on this --output-dir, so a reproduction finished in several goes still shows its cost.
+    history_path = out / "reproduce_log.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    if history:
+        meta["earlier invocations on this output directory"] = "; ".join(
+            f"{h['date']}: {h['wall_s']:.0f} s, {h['trained']} runs trained" for h in history
+        )
+    history.append(
+        {
+            "date": meta["date"],
+            "command": command,
+            "wall_s": round(wall, 1),
+            "pretrain_s": round(pretrain_s, 1),
+            "trained": len(todo),
+            "reused": len(runs) - len(todo),
+            "jobs": args.jobs,
+        }
+    )
+    atomic_write_text(history_path, json.dumps(history, indent=1) + "\n")
     plot_path = out / "reproduce.png"
     R.plot(summary, plot_path)
     md = R.markdown(summary, meta, plot_path.name)
-    (out / "reproduce.md").write_text(md)
+    atomic_write_text(out / "reproduce.md", md)
     R.write_csv(out / "reproduce.csv", summary)
     R.write_runs_csv(out / "reproduce_runs.csv", summary)
     vs = R.verdicts(summary)

@@ -23,7 +23,7 @@ from typing import Any
 # Kim et al. 2024, Table 1 (BLIP-2), as quoted in DESIGN.md: remaining rank ratio in percent.
 # Only these four are quoted; no paper figure is given here for the other methods.
 PAPER_RANK_RATIO = {"pretrained": 68.2, "prefix": 68.2, "lora": 52.0, "full": 47.0}
-PAPER_SOURCE = "Kim et al. 2024, Table 1, BLIP-2 (as quoted in DESIGN.md)"
+PAPER_SOURCE = "Kim et al. 2024, Table 1, BLIP-2, as quoted in DESIGN.md"
 
 # Claim (c): "a score at least close to the best" means at least this share of the best mean score.
 CLOSE_TO_BEST = 0.95
@@ -262,7 +262,8 @@ def verdicts(rep: Reproduction) -> list[Verdict]:
     # (a) weight-modifying methods lower the rank ratio / move the spectrum more than prefix-tuning.
     claim_a = (
         "(a) weight-modifying methods (LoRA, adapters, full fine-tuning) lower the remaining rank "
-        "ratio and move the spectrum more than prefix-tuning"
+        "ratio (below the pre-trained model's and prefix-tuning's) and move the spectrum more than "
+        "prefix-tuning"
     )
     wm = [m for m in WEIGHT_MODIFYING if m in ms]
     if "prefix" not in ms or not wm:
@@ -271,11 +272,14 @@ def verdicts(rep: Reproduction) -> list[Verdict]:
         p = ms["prefix"]
         flags, details = [], []
         for m in wm:
+            # "Lower" is a decrease from the pre-trained model, not only a smaller increase than prefix's.
+            ok_pre, t_pre = _compare(m, ms[m].rank_ratio, "pre-trained", pre.rank_ratio, ".1f", "lower")
             ok_r, t_r = _compare(m, ms[m].rank_ratio, "prefix", p.rank_ratio, ".1f", "lower")
             ok_d, t_d = _compare(m, ms[m].deviation, "prefix", p.deviation, ".3f", "higher")
             _, t_c = _compare(m, ms[m].cka, "prefix", p.cka, ".3f", "lower")
-            flags += [ok_r, ok_d]
-            details.append(f"rank ratio lower: {t_r}")
+            flags += [ok_pre and ok_r, ok_d]
+            details.append(f"rank ratio lowered: {t_pre}")
+            details.append(f"rank ratio lower than prefix's: {t_r}")
             details.append(f"spectrum deviation larger: {t_d}")
             details.append(f"(not judged) CKA to the pre-trained model lower: {t_c}")
         out.append(Verdict(claim_a, _status(flags), details))

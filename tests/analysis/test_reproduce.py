@@ -145,6 +145,9 @@ def test_rerun_reuses_finished_runs_and_continues_unfinished_ones(tiny_run, tiny
     after = _reports(out)
     assert {k: _last(v) for k, v in after.items()} == {k: _last(v) for k, v in before.items()}
     assert "--resume" in (out / "runs" / "pt-lora-seed1" / "driver.log").read_text()
+    history = json.loads((out / "reproduce_log.json").read_text())
+    assert [h["trained"] for h in history][-2:] == [len(METHODS) * SEEDS, 1]
+    assert "earlier invocations on this output directory" in (out / "reproduce.md").read_text()
 
 
 def test_parallel_jobs_give_the_numbers_of_the_sequential_runs(tiny_run, tiny_cache, tmp_path):
@@ -243,6 +246,12 @@ def test_verdicts_report_partial_agreement_and_untested_claims():
     mixed = dict(PAPER_LIKE, lora=(100.0, 60.0, 0.080, 0.70))  # lora keeps the rank ratio, moves the spectrum
     vs = R.verdicts(_summary(mixed))
     assert vs[0].status == "partly" and any("lora 60.0 vs prefix 60.0: no" in d for d in vs[0].details)
+    # Every method raises the rank ratio, the weight-modifying ones less than prefix: not "lowered".
+    raised = dict(PAPER_LIKE, prefix=(80.0, 70.0, 0.010, 0.95), lora=(100.0, 65.0, 0.080, 0.7))
+    raised["full"] = (105.0, 65.0, 0.100, 0.60)
+    vs = R.verdicts(_summary(raised))
+    assert vs[0].status == "partly"  # only the spectrum-deviation half holds
+    assert any(d.startswith("rank ratio lowered: lora 65.0 vs pre-trained 60.0: no") for d in vs[0].details)
     only = R.verdicts(_summary({"lora": PAPER_LIKE["lora"], "full": PAPER_LIKE["full"]}))
     assert [v.status for v in only] == ["not tested"] * 3
 
