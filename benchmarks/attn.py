@@ -17,6 +17,12 @@ Example: python benchmarks/attn.py --batch 4 --heads 8 --seq 1024 --prefix 16 --
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as `python benchmarks/<name>.py`: make the repository root importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 
 import torch

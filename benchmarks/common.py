@@ -248,6 +248,18 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return torch.device(args.device), getattr(torch, args.dtype)
 
 
+def assert_same_function(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """The providers must compute the same function before their times are compared.
+
+    float32 within 1e-4; bfloat16 / float16 within torch's default tolerances for those
+    dtypes (different accumulation orders differ by about one rounding step there).
+    """
+    if ours.dtype == torch.float32:
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
+
 def modes_for(
     fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], modes: list[str]
 ) -> dict[str, Callable[[], object]]:

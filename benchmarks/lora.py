@@ -12,13 +12,27 @@ Example: python benchmarks/lora.py --tokens 8 512 --features 1024 1024 --rank 16
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as `python benchmarks/<name>.py`: make the repository root importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 
 import torch
 from torch import nn
 
 import ptpeft_kernels as pk
-from benchmarks.common import append_csv, common_args, measure, modes_for, print_table, setup
+from benchmarks.common import (
+    append_csv,
+    assert_same_function,
+    common_args,
+    measure,
+    modes_for,
+    print_table,
+    setup,
+)
 
 
 class _Holder(nn.Module):
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(*args.tokens, fin, device=device, dtype=dtype, requires_grad=True)
     with torch.no_grad():  # both layers compute the same function (dropout off)
         if args.dropout == 0.0:
-            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+            assert_same_function(ours(x), theirs(x))
 
     lora_params = [ours.lora_A.weight, ours.lora_B.weight]
     peft_params = [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight]

@@ -15,6 +15,12 @@ Example: python benchmarks/train_step.py --batch 32 --repeats 20
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as `python benchmarks/<name>.py`: make the repository root importable
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import tempfile
 
