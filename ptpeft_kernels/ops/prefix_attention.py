@@ -189,8 +189,16 @@ class _Part:
     None means no causal rule. ``keep``: bool (B, 1|Hq, 1|N, Mp), or None.
     """
 
-    def __init__(self, k: Tensor, v: Tensor, causal_offset: int | None, keep: Tensor | None):
+    def __init__(
+        self,
+        k: Tensor,
+        v: Tensor,
+        causal_offset: int | None,
+        keep: Tensor | None,
+        every_row_sees: bool = False,
+    ):
         self.k, self.v, self.causal_offset, self.keep = k, v, causal_offset, keep
+        self.every_row_sees = every_row_sees  # known without looking at ``keep`` (prefix keys included)
 
 
 def _sequence_parts(k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool, n: int) -> list[_Part]:
@@ -203,6 +211,35 @@ def _sequence_parts(k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool
             part_keep = None if keep is None else keep[..., start:stop]
             parts.append(_Part(k[:, :, start:stop], v[:, :, start:stop], offset, part_keep))
     return parts
+
+
+# Short sequences: when one head's score matrix has at most this many entries (N * (P + M)),
+# the CPU path attends to prefix and sequence in one fused call over concatenated keys with
+# the visibility mask materialised; above it, the split path (no copies, causal blocks
+# skipped) wins. Joint / split time, fwd+bwd, fp32, 1 thread (P=8 at N<=96, else 16):
+#   causal, no mask:       N41 0.71, N96 0.81, N128 0.90, N256 0.97, N512 1.02, N1024 1.39
+#   causal + padding mask: N41 0.71, N96 0.86, N128 0.96, N256 1.02, N512 1.03, N1024 1.01
+# The built-in model's attention (B32 Hq4 Hkv2 N41 D32 P8): 3.8 ms joint vs 5.4 ms split.
+_JOINT_MAX_SCORES = 1 << 15
+
+
+def _joint_wanted(q: Tensor, k: Tensor, prefix_k: Tensor | None) -> bool:
+    if prefix_k is None or prefix_k.shape[-2] == 0 or not _use_fused_cpu(q, _Part(k, k, None, None)):
+        return False
+    return q.shape[2] * (prefix_k.shape[-2] + k.shape[2]) <= _JOINT_MAX_SCORES
+
+
+def _joint_part(k, v, prefix_k, prefix_v, attn_mask, causal, n) -> _Part:
+    """Prefix and sequence keys as one part: keys concatenated, visibility materialised."""
+    b, hkv, m, d = k.shape
+    p = prefix_k.shape[-2]
+    keys = torch.cat([prefix_k.expand(b, hkv, p, d), k], dim=2)
+    values = torch.cat([prefix_v.expand(b, hkv, p, d), v], dim=2)
+    visible = _sequence_visibility(attn_mask, causal, n, m, k.device)
+    keep = None
+    if visible is not None:
+        keep = torch.cat([visible.new_ones(*visible.shape[:-1], p), visible], dim=-1)
+    return _Part(keys, values, None, keep, every_row_sees=True)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -273,7 +310,7 @@ def _part_forward(q: Tensor, part: _Part, scale: float) -> tuple[Tensor, Tensor]
             attn_mask=_additive(part.keep, q.dtype),
             scale=scale,
         )
-        if part.keep is not None:  # the fused kernel reports lse = 0 for rows it saw nothing in
+        if part.keep is not None and not part.every_row_sees:  # it reports lse = 0 for rows that saw nothing
             rows = _rows_visible(part.keep, part.causal_offset, n)
             lse = lse.masked_fill(~rows, float("-inf"))
             out = out.masked_fill_(~rows[..., None], 0.0)
@@ -291,7 +328,8 @@ def _merge(results: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> tuple[Te
     """Softmax-weighted sum of the parts' outputs: weights exp(lse_i - lse), lse = logsumexp_i(lse_i)."""
     if len(results) == 1:
         out, lse = results[0]
-        return out.to(dtype), lse.to(_acc_dtype(dtype))
+        # Contiguous: the fused CPU kernel's lse is laid out (B, N, H); the custom op's fake says dense.
+        return out.to(dtype).contiguous(), lse.to(_acc_dtype(dtype)).contiguous()
     acc = _acc_dtype(dtype)
     lse = torch.logsumexp(torch.stack([r[1].to(acc) for r in results]), dim=0)
     safe = lse.masked_fill(torch.isinf(lse), 0.0)
@@ -313,6 +351,10 @@ def _prefix_part(prefix_k: Tensor | None, prefix_v: Tensor | None) -> _Part | No
 @backends.register(OP, "torch")
 def _torch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
     n = q.shape[2]
+    if _joint_wanted(q, k, prefix_k):
+        return _merge(
+            [_part_forward(q, _joint_part(k, v, prefix_k, prefix_v, attn_mask, causal, n), scale)], q.dtype
+        )
     parts = _sequence_parts(k, v, attn_mask, causal, n)
     prefix = _prefix_part(prefix_k, prefix_v)
     if prefix is not None:
@@ -369,6 +411,8 @@ def _torch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, caus
     acc = _acc_dtype(q.dtype)
     # Rows that saw nothing (lse = -inf) have zero probability everywhere: +inf makes exp(s - L) = 0.
     lse_bwd = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    if _joint_wanted(q, k, prefix_k):
+        return _joint_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse_bwd, causal, scale)
     prefix = _prefix_part(prefix_k, prefix_v)
     parts = _sequence_parts(k, v, attn_mask, causal, q.shape[2]) + ([prefix] if prefix is not None else [])
     fused = [_use_fused_cpu(q, part) for part in parts]
@@ -392,6 +436,18 @@ def _torch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, caus
     else:  # two distinct tensors: custom-op outputs may not alias each other
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     return dq.to(q.dtype), _join(dk_parts, k), _join(dv_parts, v), dpk.to(q.dtype), dpv.to(q.dtype)
+
+
+def _joint_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse_bwd, causal, scale):
+    part = _joint_part(k, v, prefix_k, prefix_v, attn_mask, causal, q.shape[2])
+    dq, dkeys, dvalues = _fused_part_backward(dout, q, part, scale, out, lse_bwd)
+    p = prefix_k.shape[-2]
+    # Separate tensors, not views of one: custom-op outputs may not alias each other.
+    dk, dv = dkeys[:, :, p:].contiguous(), dvalues[:, :, p:].contiguous()
+    dpk, dpv = dkeys[:, :, :p], dvalues[:, :, :p]
+    dpk, dpv = (dpk.sum(0), dpv.sum(0)) if prefix_k.dim() == 3 else (dpk.contiguous(), dpv.contiguous())
+    dq = dq.to(q.dtype).contiguous()  # the fused kernel lays dq out (B, N, H, D)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dpk.to(q.dtype), dpv.to(q.dtype)
 
 
 def _join(grads: list[Tensor], like: Tensor) -> Tensor:

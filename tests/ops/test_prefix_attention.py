@@ -103,6 +103,27 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     ], make_mask(case, gen)
 
 
+PA = sys.modules["ptpeft_kernels.ops.prefix_attention"]
+
+
+@pytest.fixture(params=["split", "joint"])
+def cpu_path(request, monkeypatch):
+    """Both CPU strategies for a prefix: split (sequence and prefix apart, merged by LSE) and
+    joint (one fused call over concatenated keys, used below a size threshold). Yields a
+    counter of joint calls so a test can check the path it asked for was taken."""
+    monkeypatch.setattr(PA, "_JOINT_MAX_SCORES", 0 if request.param == "split" else 1 << 62)
+    calls = []
+    joint_part = PA._joint_part
+    monkeypatch.setattr(PA, "_joint_part", lambda *a: calls.append(1) or joint_part(*a))
+    return request.param, calls
+
+
+def check_path(cpu_path, case) -> None:
+    name, calls = cpu_path
+    joint_expected = name == "joint" and bool(case.p)
+    assert bool(calls) == joint_expected, f"asked for the {name} path, joint calls: {len(calls)}"
+
+
 def run(fn, tensors, mask, causal, **kwargs):
     q, k, v, *prefix = tensors
     prefix_k, prefix_v = prefix if prefix else (None, None)
@@ -111,7 +132,7 @@ def run(fn, tensors, mask, causal, **kwargs):
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_float64_reference(case, dtype, atol, rtol):
+def test_matches_float64_reference(case, dtype, atol, rtol, cpu_path):
     tensors, mask = make_inputs(case, dtype)
     out = run(pk.prefix_attention, tensors, mask, case.causal, backend="torch")
     assert out.dtype == dtype and out.shape == (case.b, case.hq, case.n, case.d)
@@ -140,6 +161,7 @@ def test_matches_float64_reference(case, dtype, atol, rtol):
             ref_lowp=None if lowp is None else lowp_grads[i],
             factor=GRAD_FACTOR,
         )
+    check_path(cpu_path, case)
 
 
 def test_rows_with_nothing_visible_are_zero_not_nan():
@@ -152,7 +174,7 @@ def test_rows_with_nothing_visible_are_zero_not_nan():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_shared_prefix_gradient_is_the_batch_sum_of_per_batch_prefixes():
+def test_shared_prefix_gradient_is_the_batch_sum_of_per_batch_prefixes(cpu_path):
     case = Case(n=5, m=9)
     (q, k, v, pk_, pv_), _ = make_inputs(case, torch.float64)
     out = pk.prefix_attention(q, k, v, pk_, pv_, backend="torch")
@@ -174,13 +196,14 @@ def test_shared_prefix_gradient_is_the_batch_sum_of_per_batch_prefixes():
     ],
     ids=str,
 )
-def test_gradcheck_float64(case):
+def test_gradcheck_float64(case, cpu_path):
     tensors, mask = make_inputs(case, torch.float64)
 
     def fn(*ts):
         return run(pk.prefix_attention, list(ts), mask, case.causal, backend="torch")
 
     assert torch.autograd.gradcheck(fn, tuple(tensors), eps=1e-6, atol=1e-7)
+    check_path(cpu_path, case)
 
 
 @pytest.mark.parametrize(
@@ -195,9 +218,7 @@ def test_gradcheck_float64(case):
 )
 def test_generic_engine_matches_reference(case, monkeypatch):
     """The device-agnostic path (used for non-CPU tensors by the torch backend), forced on the CPU."""
-    monkeypatch.setattr(
-        sys.modules["ptpeft_kernels.ops.prefix_attention"], "_use_fused_cpu", lambda q, part: False
-    )
+    monkeypatch.setattr(PA, "_use_fused_cpu", lambda q, part: False)
     tensors, mask = make_inputs(case, torch.float32)
     out = run(pk.prefix_attention, tensors, mask, case.causal, backend="torch")
     got = torch.autograd.grad(out.sum(), tensors)
