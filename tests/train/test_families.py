@@ -1,4 +1,5 @@
-"""The driver on other families than the built-in model: tiny random LLaVA and BLIP-2 checkpoints."""
+"""The driver on other families than the built-in model: tiny random LLaVA, LLaVA-NeXT, BLIP-2 and
+InstructBLIP checkpoints (Qwen2-VL's processor cannot be built here: its video half needs torchvision)."""
 
 import json
 
@@ -9,9 +10,14 @@ from ptpeft_kernels.train.models import end_text, family_for, load_processor
 from ptpeft_kernels.train.run import train
 
 from .conftest import TINY
-from .tiny_families import build_blip2, build_llava
+from .tiny_families import build_blip2, build_instructblip, build_llava, build_llava_next
 
-BUILDERS = {"llava": build_llava, "blip-2": build_blip2}
+BUILDERS = {
+    "llava": build_llava,
+    "llava_next": build_llava_next,
+    "blip-2": build_blip2,
+    "instructblip": build_instructblip,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

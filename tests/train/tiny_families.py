@@ -1,4 +1,5 @@
-"""Tiny random LLaVA and BLIP-2 checkpoints with real processors, saved as Hugging Face folders.
+"""Tiny random LLaVA, LLaVA-NeXT, BLIP-2 and InstructBLIP checkpoints with real processors,
+saved as Hugging Face folders.
 
 They exercise the driver's generic path (family prompt templates, processor-made image tokens,
 label alignment) on families other than the built-in model. The tokenizer is word-level over
@@ -145,3 +146,104 @@ def build_blip2(out: Path) -> Path:
         Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=4),
         out,
     )
+
+
+def _clip_vision():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+
+
+def _llama(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+
+
+def build_llava_next(out: Path) -> Path:
+    """One 32 px grid pinpoint: the processor makes a base tile plus one high-resolution tile."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tok = _tokenizer(["<image>"])
+    cfg = LlavaNextConfig(
+        vision_config=_clip_vision(),
+        text_config=_llama(len(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=[[32, 32]],
+        vision_feature_layer=-1,
+    )
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32]]
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=16,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return _finish(LlavaNextForConditionalGeneration(cfg), proc, out)
+
+
+def build_instructblip(out: Path) -> Path:
+    """Llama language model; the Q-Former gets the prompt through its own tokenizer, as in InstructBLIP."""
+    from transformers import (
+        BlipImageProcessorPil,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+    )
+
+    tok = _tokenizer(["<image>"])
+    tok.image_token = "<image>"
+    qformer_tok = _tokenizer([])
+    cfg = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ).to_dict(),
+        qformer_config=InstructBlipQFormerConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            vocab_size=len(qformer_tok),
+        ).to_dict(),
+        text_config=_llama(len(tok)).to_dict(),
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = InstructBlipProcessor(
+        image_processor=ip, tokenizer=tok, qformer_tokenizer=qformer_tok, num_query_tokens=4
+    )
+    return _finish(InstructBlipForConditionalGeneration(cfg), proc, out)
