@@ -213,20 +213,26 @@ def _sequence_parts(k: Tensor, v: Tensor, attn_mask: Tensor | None, causal: bool
     return parts
 
 
-# Short sequences: when one head's score matrix has at most this many entries (N * (P + M)),
-# the CPU path attends to prefix and sequence in one fused call over concatenated keys with
-# the visibility mask materialised; above it, the split path (no copies, causal blocks
-# skipped) wins. Joint / split time, fwd+bwd, fp32, 1 thread (P=8 at N<=96, else 16):
+# Short sequences: when one head's score matrix has at most _JOINT_MAX_SCORES entries
+# (N * (P + M)) and each concatenated K/V at most _JOINT_MAX_COPY elements, the CPU path
+# attends to prefix and sequence in one fused call over concatenated keys with the mask
+# materialised; otherwise the split path (no copies, causal blocks skipped) wins.
+# Joint / split time, fwd+bwd, fp32, 1 thread (P=8 at N<=96, else 16):
 #   causal, no mask:       N41 0.71, N96 0.81, N128 0.90, N256 0.97, N512 1.02, N1024 1.39
 #   causal + padding mask: N41 0.71, N96 0.86, N128 0.96, N256 1.02, N512 1.03, N1024 1.01
 # The built-in model's attention (B32 Hq4 Hkv2 N41 D32 P8): 3.8 ms joint vs 5.4 ms split.
+# Decode steps (N=1, P16, forward) are where the copy bound matters: B1 H8 D64 M64 0.47,
+# M1024 0.92, M4096 1.96; B4 H8 M1024 2.62; B4 H32 M2048 D128 4.52.
 _JOINT_MAX_SCORES = 1 << 15
+_JOINT_MAX_COPY = 1 << 20
 
 
 def _joint_wanted(q: Tensor, k: Tensor, prefix_k: Tensor | None) -> bool:
     if prefix_k is None or prefix_k.shape[-2] == 0 or not _use_fused_cpu(q, _Part(k, k, None, None)):
         return False
-    return q.shape[2] * (prefix_k.shape[-2] + k.shape[2]) <= _JOINT_MAX_SCORES
+    b, hkv, m, d = k.shape
+    keys = prefix_k.shape[-2] + m
+    return q.shape[2] * keys <= _JOINT_MAX_SCORES and b * hkv * keys * d <= _JOINT_MAX_COPY
 
 
 def _joint_part(k, v, prefix_k, prefix_v, attn_mask, causal, n) -> _Part:

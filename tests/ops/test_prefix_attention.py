@@ -111,7 +111,8 @@ def cpu_path(request, monkeypatch):
     """Both CPU strategies for a prefix: split (sequence and prefix apart, merged by LSE) and
     joint (one fused call over concatenated keys, used below a size threshold). Yields a
     counter of joint calls so a test can check the path it asked for was taken."""
-    monkeypatch.setattr(PA, "_JOINT_MAX_SCORES", 0 if request.param == "split" else 1 << 62)
+    for bound in ("_JOINT_MAX_SCORES", "_JOINT_MAX_COPY"):
+        monkeypatch.setattr(PA, bound, 0 if request.param == "split" else 1 << 62)
     calls = []
     joint_part = PA._joint_part
     monkeypatch.setattr(PA, "_joint_part", lambda *a: calls.append(1) or joint_part(*a))
@@ -336,3 +337,18 @@ def test_bad_input_raises_naming_the_argument(name, override, exc, match):
     with pytest.raises(exc) as info:
         pk.prefix_attention(*args.values(), **kwargs)
     assert match in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,n,m,d,p,joint",
+    [
+        (32, 4, 2, 41, 41, 32, 8, True),  # the built-in model's training attention: joint 0.71x split
+        (1, 8, 8, 1, 256, 64, 16, True),  # a short decode step
+        (4, 8, 8, 1, 1024, 64, 16, False),  # decode over a long cache: copying it would cost 2.6x
+        (4, 8, 8, 1024, 1024, 64, 16, False),  # long causal sequence: split skips masked blocks
+        (2, 4, 2, 5, 9, 40, 0, False),  # no prefix: nothing to join
+    ],
+)
+def test_default_cpu_path_choice(b, hq, hkv, n, m, d, p, joint):
+    q, k = torch.empty(b, hq, n, d), torch.empty(b, hkv, m, d)
+    assert PA._joint_wanted(q, k, torch.empty(hkv, p, d)) is joint
