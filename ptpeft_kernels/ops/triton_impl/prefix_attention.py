@@ -560,6 +560,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, 
 
 @backends.register(OP, "triton", kind="backward")
 def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale):
+    dout = dout.contiguous()  # autograd hands dO in whatever layout the consumer produced
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
     device = q.device
