@@ -1,23 +1,34 @@
-"""The driver on other families than the built-in model: tiny random LLaVA, LLaVA-NeXT, BLIP-2 and
-InstructBLIP checkpoints (Qwen2-VL's processor cannot be built here: its video half needs torchvision)."""
+"""The driver on other families than the built-in model: tiny random LLaVA, LLaVA-NeXT, BLIP-2,
+InstructBLIP and Qwen2-VL checkpoints (Qwen2-VL's processor loaded without its video half, whose
+class needs torchvision: see tiny_families)."""
 
 import json
 
 import pytest
 
+from ptpeft_kernels.train import run
 from ptpeft_kernels.train.data import IGNORE_INDEX, Collator, load_vqa
 from ptpeft_kernels.train.models import end_text, family_for, load_processor
 from ptpeft_kernels.train.run import train
 
 from .conftest import TINY
-from .tiny_families import build_blip2, build_instructblip, build_llava, build_llava_next
+from .tiny_families import (
+    build_blip2,
+    build_instructblip,
+    build_llava,
+    build_llava_next,
+    build_qwen2_vl,
+    load_qwen2_vl_processor,
+)
 
 BUILDERS = {
     "llava": build_llava,
     "llava_next": build_llava_next,
     "blip-2": build_blip2,
     "instructblip": build_instructblip,
+    "qwen2_vl": build_qwen2_vl,
 }
+PROCESSOR_LOADERS = {"qwen2_vl": load_qwen2_vl_processor}  # the others: AutoProcessor, as the driver does
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -29,21 +40,25 @@ def test_family_template_and_labels(checkpoint, tiny_assets):
     name, path = checkpoint
     model_type, family = family_for(path)
     assert model_type == name
-    processor = load_processor(path)
+    processor = PROCESSOR_LOADERS.get(name, load_processor)(path)
     split = tiny_assets.downstream_data.splits["train"]
     examples, _ = load_vqa(
         split.questions, split.annotations, tiny_assets.downstream_data.image_dir, prompt=family.vqa_prompt
     )
-    batch = Collator(processor, family.template, end_text(family, processor), "train")(examples[:3])
+    end = end_text(family, processor)
+    assert end == ("<|im_end|>" if name == "qwen2_vl" else "</s>")
+    batch = Collator(processor, family.template, end, "train")(examples[:3])
     tok = processor.tokenizer
     for i, e in enumerate(examples[:3]):
         labels = batch["labels"][i]
-        assert tok.decode(labels[labels != IGNORE_INDEX]) == f"{e.target} </s>"
+        assert tok.decode(labels[labels != IGNORE_INDEX]) == f"{e.target} {end}"
 
 
 @pytest.mark.parametrize("task", ["caption", "vqa"])
-def test_family_trains_and_evaluates(checkpoint, tiny_assets, tmp_path, task):
+def test_family_trains_and_evaluates(checkpoint, tiny_assets, tmp_path, task, monkeypatch):
     name, path = checkpoint
+    if name in PROCESSOR_LOADERS:
+        monkeypatch.setattr(run, "load_processor", PROCESSOR_LOADERS[name])
     d = tiny_assets.downstream_data
     data = (
         ["--captions", str(d.karpathy)]

@@ -1,10 +1,11 @@
-"""Tiny random LLaVA, LLaVA-NeXT, BLIP-2 and InstructBLIP checkpoints with real processors,
+"""Tiny random LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP and Qwen2-VL checkpoints with real processors,
 saved as Hugging Face folders.
 
 They exercise the driver's generic path (family prompt templates, processor-made image tokens,
 label alignment) on families other than the built-in model. The tokenizer is word-level over
-the synthetic vocabulary plus the words of the families' prompts. (Qwen2-VL's processor needs
-torchvision for its video half, which this machine lacks.)
+the synthetic vocabulary plus the words of the families' prompts. Qwen2-VL's processor needs
+torchvision for its video half, which this machine lacks: its checkpoint is loaded with
+:func:`load_qwen2_vl_processor`, the same processor without the video half.
 """
 
 from __future__ import annotations
@@ -247,3 +248,76 @@ def build_instructblip(out: Path) -> Path:
         image_processor=ip, tokenizer=tok, qformer_tokenizer=qformer_tok, num_query_tokens=4
     )
     return _finish(InstructBlipForConditionalGeneration(cfg), proc, out)
+
+
+QWEN_SPECIAL = [
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
+
+
+def _image_only_qwen2_vl_processor(image_processor, tokenizer):
+    """Qwen2-VL's processor minus its video processor (whose class needs torchvision)."""
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        attributes = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor, tokenizer):
+            super(Qwen2VLProcessor, self).__init__(image_processor, tokenizer)
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+
+    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer)
+
+
+def load_qwen2_vl_processor(path):
+    """What ``AutoProcessor.from_pretrained`` gives for a Qwen2-VL folder where torchvision is installed."""
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+    return _image_only_qwen2_vl_processor(
+        Qwen2VLImageProcessorPil.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    )
+
+
+def build_qwen2_vl(out: Path) -> Path:
+    """32 px images as 4x4 patches of 8 px, merged 2x2: four image tokens, M-RoPE positions."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = _tokenizer(QWEN_SPECIAL)
+    cfg = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "pad_token_id": PAD,
+            "bos_token_id": BOS,
+            "eos_token_id": EOS,
+        },
+        vision_config={
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+    )
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2, temporal_patch_size=2
+    )
+    return _finish(Qwen2VLForConditionalGeneration(cfg), _image_only_qwen2_vl_processor(ip, tok), out)
