@@ -36,9 +36,9 @@ from .train.config import METHODS, TASKS, _HelpFormatter, _positive_int, parse_a
 from .train.config import build_parser as build_train_parser
 
 DEFAULT_SEEDS = 3
-# Idle 2-core CPU, one run at a time, empty cache (pre-training included): the default took 1114-1214 s (limit
-# 25 min; 600 steps, the driver's default, would need an estimated 28 min), --quick 255-296 s (limit 6 min;
-# 150 steps took 310 s).
+# Idle 2-core CPU, one run at a time, empty cache (pre-training included): the default took
+# 1114-1214 s (limit 25 min; 600 steps would need an estimated 28 min, the driver's default of
+# 1200 about 56), --quick 255-296 s (limit 6 min; 150 steps took 310 s).
 DEFAULT_STEPS = 400
 QUICK_STEPS = 120
 QUICK_SEEDS = 1
