@@ -15,6 +15,7 @@ registrations, and the public function. The Triton kernels live in
 ``ops/triton_impl/prefix_attention.py`` so that importing this file never imports Triton.
 """
 
+import functools
 from functools import partial
 
 import torch
@@ -495,22 +496,19 @@ def _forward_impl(
     return out, lse
 
 
-def _forward_dense(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    attn_mask: Tensor | None,
-    causal: bool,
-    scale: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    out, lse = _forward_impl(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, backend)
-    return _dense(out), _dense(lse)
+def _densified(impl):
+    """``impl`` with every output passed through :func:`_dense` (same signature: custom_op reads it)."""
+
+    @functools.wraps(impl)
+    def run(*args):
+        return tuple(_dense(t) for t in impl(*args))
+
+    return run
 
 
-_prefix_attention_op = torch.library.custom_op("ptpeft::prefix_attention", mutates_args=())(_forward_dense)
+_prefix_attention_op = torch.library.custom_op("ptpeft::prefix_attention", mutates_args=())(
+    _densified(_forward_impl)
+)
 
 
 @_prefix_attention_op.register_fake
@@ -536,28 +534,8 @@ def _backward_impl(
     return impl(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
 
 
-def _backward_dense(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    attn_mask: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dpk, dpv = _backward_impl(
-        dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale, backend
-    )
-    return _dense(dq), _dense(dk), _dense(dv), _dense(dpk), _dense(dpv)
-
-
 _prefix_attention_backward_op = torch.library.custom_op("ptpeft::prefix_attention_backward", mutates_args=())(
-    _backward_dense
+    _densified(_backward_impl)
 )
 
 

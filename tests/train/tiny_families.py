@@ -51,11 +51,45 @@ def _finish(model, processor, out: Path) -> Path:
     return out
 
 
+# Every tiny vision tower: 32 px images in 16 px patches, one layer of width 32.
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 16,
+}
+QFORMER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "encoder_hidden_size": 32,
+}
+BLIP_IMAGES = {"size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+
+
+def _llama(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+
+
 def build_llava(out: Path) -> Path:
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -63,25 +97,8 @@ def build_llava(out: Path) -> Path:
 
     tok = _tokenizer(["<image>"])
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=PAD,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-        ),
+        vision_config=CLIPVisionConfig(**VISION),
+        text_config=_llama(len(tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
     )
@@ -110,22 +127,8 @@ def build_blip2(out: Path) -> Path:
     tok = _tokenizer(["<image>"])
     tok.image_token = "<image>"
     cfg = Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ).to_dict(),
-        qformer_config=Blip2QFormerConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            encoder_hidden_size=32,
-            vocab_size=len(tok),
-        ).to_dict(),
+        vision_config=Blip2VisionConfig(**VISION).to_dict(),
+        qformer_config=Blip2QFormerConfig(**QFORMER, vocab_size=len(tok)).to_dict(),
         text_config=OPTConfig(
             vocab_size=len(tok),
             hidden_size=32,
@@ -141,7 +144,7 @@ def build_blip2(out: Path) -> Path:
         num_query_tokens=4,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
-    ip = BlipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip = BlipImageProcessorPil(**BLIP_IMAGES)
     return _finish(
         Blip2ForConditionalGeneration(cfg),
         Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=4),
@@ -149,38 +152,10 @@ def build_blip2(out: Path) -> Path:
     )
 
 
-def _clip_vision():
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-    )
-
-
-def _llama(vocab_size: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-
-
 def build_llava_next(out: Path) -> Path:
     """One 32 px grid pinpoint: the processor makes a base tile plus one high-resolution tile."""
     from transformers import (
+        CLIPVisionConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
@@ -189,7 +164,7 @@ def build_llava_next(out: Path) -> Path:
 
     tok = _tokenizer(["<image>"])
     cfg = LlavaNextConfig(
-        vision_config=_clip_vision(),
+        vision_config=CLIPVisionConfig(**VISION),
         text_config=_llama(len(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=[[32, 32]],
@@ -223,27 +198,13 @@ def build_instructblip(out: Path) -> Path:
     tok.image_token = "<image>"
     qformer_tok = _tokenizer([])
     cfg = InstructBlipConfig(
-        vision_config=InstructBlipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ).to_dict(),
-        qformer_config=InstructBlipQFormerConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            encoder_hidden_size=32,
-            vocab_size=len(qformer_tok),
-        ).to_dict(),
+        vision_config=InstructBlipVisionConfig(**VISION).to_dict(),
+        qformer_config=InstructBlipQFormerConfig(**QFORMER, vocab_size=len(qformer_tok)).to_dict(),
         text_config=_llama(len(tok)).to_dict(),
         num_query_tokens=4,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
-    ip = BlipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip = BlipImageProcessorPil(**BLIP_IMAGES)
     proc = InstructBlipProcessor(
         image_processor=ip, tokenizer=tok, qformer_tokenizer=qformer_tok, num_query_tokens=4
     )
