@@ -38,7 +38,7 @@ from .train.config import build_parser as build_train_parser
 DEFAULT_SEEDS = 3
 # Idle 2-core CPU, one run at a time, empty cache (pre-training included): the default took
 # 1114-1214 s (limit 25 min; 600 steps would need an estimated 28 min, the driver's default of
-# 1200 about 56), --quick 255-296 s (limit 6 min; 150 steps took 310 s).
+# 1200 about 56), --quick 228-296 s (limit 6 min; 150 steps took 310 s).
 DEFAULT_STEPS = 400
 QUICK_STEPS = 120
 QUICK_SEEDS = 1
@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
             "e.g. '-- --batch-size 16 --lora-r 4'; those reproduce sets itself (--method, --seed, --steps, "
             "--task, --output-dir, --resume, --quiet, --cache-dir, --builtin-preset, --model) are refused. "
             "Measured on an idle 2-core CPU (one run at a time): the default 1114-1214 s (18.6-20.2 min) and "
-            "--quick 255-296 s with an empty cache (pre-training the built-in model once: 136-157 s "
+            "--quick 228-296 s with an empty cache (pre-training the built-in model once: 136-157 s "
             "of that), "
-            "--quick 113-130 s with the model cached; docs/reproduce/ holds the default's tables and plot."
+            "--quick 100-130 s with the model cached; docs/reproduce/ holds the default's tables and plot."
         ),
     )
     p.add_argument(
