@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..layers import PrefixEncoder
 from ..layers._validate import check_int
 from .attention import ATTN_IMPLEMENTATION, enable_ptpeft_attention
+from .hf_save import install_save_pretrained
 from .model_info import AttentionSite, model_family, select_sites
 from .stages import freeze_base
 
@@ -146,6 +147,7 @@ def install_prefix_bank(model: nn.Module, bank: PrefixBank) -> None:
     setattr(model, BANK_ATTR, bank)
     _attach(model, bank)
     enable_ptpeft_attention(model)
+    install_save_pretrained(model)
 
 
 def apply_prefix(
