@@ -15,8 +15,10 @@ overhead never reaches the timings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -60,12 +62,9 @@ def device_name(device: torch.device) -> str:
 
 def versions() -> str:
     parts = [f"torch {torch.__version__}"]
-    for name in ("triton", "transformers", "peft"):
-        try:
-            module = __import__(name)
-            parts.append(f"{name} {module.__version__}")
-        except ImportError:
-            pass
+    for name in ("triton", "transformers", "peft"):  # read from the metadata: importing peft takes seconds
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            parts.append(f"{name} {importlib.metadata.version(name)}")
     import ptpeft_kernels
 
     parts.append(f"ptpeft_kernels {ptpeft_kernels.__version__}")

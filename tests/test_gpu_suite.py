@@ -232,9 +232,7 @@ def test_summary_marks_each_target_met_missed_or_not_reached(tmp_path):
     _write(tmp_path / "attn_memory.csv", memory, run.id)
     for name in ("attn", "lora", "memory"):
         run.results[name] = gpu_suite.PhaseResult("ok")
-    run.results["adapter"] = gpu_suite.PhaseResult(
-        "cut", note="killed at its 21 s allowance: adapter.py"
-    )
+    run.results["adapter"] = gpu_suite.PhaseResult("cut", note="killed at its 21 s allowance: adapter.py")
     text = gpu_suite.write_summary(run, [], gpu_suite.TARGETS, 1)
     rows = {(r[0], r[1].split(":")[0]): r for r in _target_rows(text)}
     peft = "attn >= 1.3x faster than the PEFT path"
