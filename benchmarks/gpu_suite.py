@@ -575,7 +575,9 @@ def _status(result: PhaseResult) -> str:
 def write_summary(run: Run, phases: list[Phase], targets: list[Target], code: int) -> str:
     args = run.args
     tuning = (
-        "on (results cached across phases)" if args.autotune else "off (PTPEFT_AUTOTUNE=0, pinned configs)"
+        "on (PTPEFT_AUTOTUNE=1, tuned results cached on disk across phases)"
+        if args.autotune
+        else "PTPEFT_AUTOTUNE=0 (one pinned config per shape class, in the launchers that read the switch)"
     )
     lines = [
         f"# GPU suite on {_device(run)}",
