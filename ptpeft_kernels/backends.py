@@ -40,6 +40,7 @@ __all__ = [
     "resolve",
     "get_impl",
     "guarded",
+    "has_impl",
 ]
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,12 @@ def get_impl(op: str, backend: str, kind: str = "forward") -> Callable[..., Any]
         return _REGISTRY[op][backend][kind].fn
     except KeyError:
         raise BackendUnavailableError(f"the {backend} backend has no {kind} implementation of {op}") from None
+
+
+def has_impl(op: str, backend: str, kind: str = "forward") -> bool:
+    """Whether ``backend`` registers a ``kind`` implementation of ``op``."""
+    _load(backend)
+    return kind in _REGISTRY.get(op, {}).get(backend, {})
 
 
 def guarded(op: str, backend: str, *args: Any, kind: str = "forward") -> str:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._env import verify_mode
+from .backends import has_impl
 
 __all__ = ["VALIDATED", "KernelVerificationWarning", "Verdict", "route", "verdicts", "reset", "main"]
 
@@ -110,7 +111,10 @@ def route(op: str, backend: str, args: tuple, kind: str = "forward") -> str:
         return backend
     spec = _probes()[op]
     key = (op, backend, arch, spec.case(*args))
-    need = {"forward", "backward"} if kind == "backward" or spec.needs_grad(*args) else {"forward"}
+    # A forward-only backend (the CUDA decode kernel, say) is checked forward only, even when an
+    # input requires grad under no_grad (generation with trainable prefixes).
+    grad = kind == "backward" or (spec.needs_grad(*args) and has_impl(op, backend, "backward"))
+    need = {"forward", "backward"} if grad else {"forward"}
     verdict = _verdicts.get(key)
     if verdict is None or not need <= verdict.checked:
         with _lock:
