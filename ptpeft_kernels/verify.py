@@ -226,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         print("no non-torch backend runs here: nothing to verify")
     for backend in chosen:
         for op, call in standard_calls(device, args.smoke):
-            reset()
             stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             try:
                 routed = route(op, backend, call, "backward")
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{backend:7} {op:17} could not be probed: {type(exc).__name__}: {exc}")
                 failed += 1
                 continue
-            (v,) = verdicts()
+            v = _verdicts[(op, backend, arch_of(device), _probes()[op].case(*call))]
             failed += routed != backend
             verdict = "ok  " if v.ok else "FAIL"
             print(f"{backend:7} {op:17} {str(v.case):70} {verdict} {v.seconds:7.2f} s  {v.detail}")

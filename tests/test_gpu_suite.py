@@ -252,6 +252,12 @@ def test_summary_marks_each_target_met_missed_or_not_reached(tmp_path):
     memory_row = rows[("attn fwd+bwd peak memory linear in N", "ptpeft-triton")]
     assert "N=1024: 2.0 MiB, N=4096: 8.0 MiB; x4.00 for x4 N" in memory_row[1] and memory_row[2] == "met"
     assert rows[("op / layer / backend / guard tests pass on the GPU", "-")][2].startswith("not reached")
+    # A tests phase cut by the budget: what finished is reported; no failure seen is "not reached", not "met".
+    (run.logs / "tests.log").write_text("[gw0] PASSED tests/a.py::t1\n[gw1] PASSED tests/a.py::t2\n")
+    run.results["tests"] = gpu_suite.PhaseResult("cut", note="killed at its 151 s allowance: -m pytest")
+    text = gpu_suite.write_summary(run, [], gpu_suite.TARGETS, 1)
+    tests_row = next(r for r in _target_rows(text) if r[0].startswith("op / layer"))
+    assert tests_row[1:] == ["before the cut: 2 passed", "not reached"]
     assert "GPU X" not in text.split("\n")[0]  # the device comes from this run's env log, absent here
 
 
