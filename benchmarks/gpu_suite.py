@@ -149,16 +149,8 @@ class Run:
     def bench_args(self, csv_name: str, repeats: int | None = None, warmup: int | None = None) -> list[str]:
         repeats = self.args.repeats if repeats is None else repeats
         warmup = min(5, repeats) if warmup is None else warmup
-        return [
-            "--dtype",
-            "bfloat16",
-            "--repeats",
-            str(repeats),
-            "--warmup",
-            str(warmup),
-            "--csv",
-            self.csv(csv_name),
-        ]
+        timing = ["--repeats", str(repeats), "--warmup", str(warmup)]
+        return ["--dtype", "bfloat16", *timing, "--csv", self.csv(csv_name)]
 
     def skip(self, note: str) -> None:
         if note not in self.skipped:
