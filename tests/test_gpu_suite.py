@@ -273,6 +273,8 @@ def test_smoke_runs_the_whole_suite_on_the_cpu(tmp_path):
     for name in ("attn.csv", "lora.csv", "adapter.csv", "attn_memory.csv", "train_step.csv", "verify.csv"):
         rows = list(csv.DictReader((tmp_path / name).open()))
         assert rows and {r["run_id"] for r in rows} == {run_id}, name
+        if name != "verify.csv":
+            assert {r["dtype"] for r in rows} == {"bfloat16"}, name  # the train step too (it ran fp32)
     rows = _target_rows(text)
     assert [r[0] for r in rows if r[2] == "not reached"] == []
     assert {r[0] for r in rows} == {t.name for t in gpu_suite.TARGETS}
