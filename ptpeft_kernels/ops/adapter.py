@@ -154,6 +154,9 @@ def _forward_impl(
     residual: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    backend = backends.guarded(
+        OP, backend, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual
+    )
     impl = backends.get_impl(OP, backend)
     return impl(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual)
 
@@ -181,6 +184,21 @@ def _backward_impl(
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The guard keys the case on the forward's arguments; dy stands in for the residual (same shape).
+    residual = dy if has_residual else None
+    backend = backends.guarded(
+        OP,
+        backend,
+        x,
+        down_weight,
+        down_bias,
+        up_weight,
+        up_bias,
+        activation,
+        scaling,
+        residual,
+        kind="backward",
+    )
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(
         dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs

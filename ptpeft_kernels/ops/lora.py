@@ -163,6 +163,7 @@ def _forward_impl(
     seed: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    backend = backends.guarded(OP, backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     return backends.get_impl(OP, backend)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -189,6 +190,9 @@ def _backward_impl(
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    backend = backends.guarded(
+        OP, backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, kind="backward"
+    )
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, needs)
 

@@ -492,6 +492,7 @@ def _forward_impl(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    backend = backends.guarded(OP, backend, q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     out, lse = backends.get_impl(OP, backend)(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     return out, lse
 
@@ -530,6 +531,9 @@ def _backward_impl(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    backend = backends.guarded(
+        OP, backend, q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, kind="backward"
+    )
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
 
