@@ -277,11 +277,44 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+def _bypassing_configs(model: nn.Module) -> dict[int, list[str]]:
+    """Configs whose every attention site computes attention itself: id -> those sites' names.
+
+    Such modules never call the registry, but the model still builds their masks for the
+    configured implementation: switched to "ptpeft" they would be handed a boolean mask where
+    they add a float one (Falcon, Bloom, MPT, GIT's text decoder: logits change silently).
+    """
+    from transformers import PretrainedConfig
+
+    from .model_info import find_attention_sites
+
+    owners = {
+        n: m.config
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "config", None), PretrainedConfig)
+    }
+    routed: set[int] = set()
+    bypassing: dict[int, list[str]] = {}
+    for site in find_attention_sites(model):
+        parts = site.name.split(".")
+        ancestors = (".".join(parts[:i]) for i in range(len(parts), -1, -1))  # the site itself first
+        config = next((owners[a] for a in ancestors if a in owners), None)
+        if config is None:
+            continue
+        if site.routed:
+            routed.add(id(config))
+        else:
+            bypassing.setdefault(id(config), []).append(site.name)
+    return {k: v for k, v in bypassing.items() if k not in routed}
+
+
 def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -> nn.Module:
     """Switch every attention of ``model`` (all sub-models) to ``implementation``; returns ``model``.
 
     ``"ptpeft"`` (the default) runs them through :func:`ptpeft_kernels.prefix_attention`;
-    ``"sdpa"`` / ``"eager"`` switch back (prefix-carrying modules then refuse to run).
+    ``"sdpa"`` / ``"eager"`` switch back (prefix-carrying modules then refuse to run). Sub-models
+    whose attention modules all bypass transformers' attention registry keep their implementation
+    under ``"ptpeft"`` (with a warning): their masks must stay the ones they were written for.
     """
     if not isinstance(implementation, str):
         raise TypeError(f"implementation must be a str, got {type(implementation).__name__}")
@@ -290,11 +323,13 @@ def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -
     configs = _configs(model)
     if not configs:
         raise TypeError(f"model must be a transformers model (with a config), got {type(model).__name__}")
+    keep_as_is = _bypassing_configs(model) if implementation == ATTN_IMPLEMENTATION else {}
+    before = {id(c): c._attn_implementation for c in configs}
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
         import logging
 
-        # transformers warns for sub-models that bypass the registry; apply_prefix reports those itself.
+        # transformers warns for sub-models that bypass the registry; this function reports those itself.
         log = logging.getLogger("transformers.modeling_utils")
         level = log.level
         log.setLevel(logging.ERROR)
@@ -302,10 +337,23 @@ def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -
             setter(implementation)
         finally:
             log.setLevel(level)
-    # Sub-configs transformers did not reach (modules keeping a config it does not list).
+    # Sub-configs transformers did not reach (modules keeping a config it does not list), and back for
+    # the bypassing ones it switched anyway (its check is per source file: GIT's vision tower is routed).
     for config in configs:
-        if config._attn_implementation != implementation:
-            config._attn_implementation_internal = implementation
+        want = before[id(config)] if id(config) in keep_as_is else implementation
+        if config._attn_implementation != want:
+            config._attn_implementation_internal = want
+    if keep_as_is:
+        names = [n for v in keep_as_is.values() for n in v]
+        warnings.warn(
+            f"{type(model).__name__}: {len(names)} attention module(s) compute attention themselves instead "
+            f"of dispatching through transformers' AttentionInterface ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); their sub-model keeps attn_implementation "
+            f"{sorted({before[k] for k in keep_as_is})} so its masks stay right. They get no fused kernel "
+            f"and cannot take prefixes (LoRA and adapters work).",
+            UserWarning,
+            stacklevel=2,
+        )
     if implementation == ATTN_IMPLEMENTATION:
         from .model_info import find_attention_sites
 
