@@ -75,13 +75,29 @@ def test_a_prefix_lora_checkpoint_loads_into_a_model_that_already_has_lora(tmp_p
 # ----------------------------------------------------------------------------- fused q/k/v (item 8)
 
 
-@pytest.mark.parametrize("family", extra_families.FUSED)
-def test_fused_qkv_families_get_prefixes_equal_to_eager_over_a_prefilled_cache(family):
+# The fused projection of each family, for LoRA before the prefix (GPT-2's Conv1D takes no LoRA here).
+_FUSED_LINEAR = {
+    "phi3": "qkv_proj",
+    "gpt_neox": "query_key_value",
+    "gpt_bigcode": "c_attn",
+    "codegen": "qkv_proj",
+}
+
+
+@pytest.mark.parametrize(
+    "family, lora_first",
+    [(f, False) for f in extra_families.FUSED] + [(f, True) for f in _FUSED_LINEAR],
+)
+def test_fused_qkv_families_get_prefixes_equal_to_eager_over_a_prefilled_cache(family, lora_first):
     """Shapes read right (the prefix call would raise otherwise), and the prefix is exactly P extra
-    keys: transformers' eager attention with the prefixes in its KV cache gives the same logits."""
+    keys: transformers' eager attention with the prefixes in its KV cache gives the same logits.
+    With LoRA (B = 0, so the same function) on the fused projection first, its width is read
+    through the wrapper: GPT-NeoX and CodeGen keep their key/value head count nowhere else."""
     from transformers import DynamicCache
 
     model = extra_families.build(family)
+    if lora_first:
+        pk.apply_lora(model, r=2, alpha=4, target_modules=[_FUSED_LINEAR[family]])
     want = extra_families.SPECS[family][3]
     shapes = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in find_attention_sites(model)}
     assert shapes == {want}
@@ -96,7 +112,7 @@ def test_fused_qkv_families_get_prefixes_equal_to_eager_over_a_prefilled_cache(f
         eager = reference(**batch, position_ids=positions).logits
         torch.testing.assert_close(plain[mask.bool()], eager[mask.bool()], atol=2e-5, rtol=1e-4)
         pk.apply_prefix(model, num_prefix=3, reparam_hidden=None)
-        randomize_added(model)
+        model.ptpeft_prefix.encoders["language_model"].prefix.normal_(0.0, 0.5)  # LoRA B stays 0
         out = model(**batch, position_ids=positions).logits
         prefixes = model.ptpeft_prefix.encoders["language_model"]()  # (L, 2, Hkv, P, D)
         cache = DynamicCache(config=reference.config)
