@@ -252,7 +252,7 @@ def ptpeft_attention_forward(
     window = kwargs.get("sliding_window")
     window = window if window and attention_mask is None and m > window else None
     softcap = kwargs.get("softcap")
-    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
     head_mask = kwargs.get("head_mask")
     dropout = float(dropout) if module.training else 0.0
     reasons = [
