@@ -198,6 +198,137 @@ int64_t decode_num_splits(const at::Tensor& q, const at::Tensor& k, int64_t pref
   return ptpeft::decode_num_splits(a, sm_count(q.get_device()));
 }
 
+// ------------------------------------------------------------------------- LoRA
+
+void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t rows, int64_t cols) {
+  check_cuda_tensor(t, name, like);
+  check_same_dtype(t, name, like);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must be (", rows, ", ", cols,
+              "), got ", shape_of(t));
+}
+
+void lora_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha,
+               const std::optional<at::Tensor>& bias, bool accumulate, double drop_p, int64_t seed, int64_t drop_on,
+               bool drop_transposed, int64_t splits) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "a and b must be 2-D (I, K) and (J, K), got ", shape_of(a), " and ",
+              shape_of(b));
+  const int64_t i = a.size(0), k = a.size(1), j = b.size(0);
+  check_cuda_tensor(a, "a", a);
+  const DType dtype = dtype_of(a, "a", /*allow_float32=*/true);
+  check_matrix(b, "b", a, j, k);
+  check_matrix(c, "c", a, i, j);
+  TORCH_CHECK(drop_on >= 0 && drop_on <= 3, "drop_on must be 0 (none), 1 (a), 2 (b) or 3 (c), got ", drop_on);
+  TORCH_CHECK(drop_p >= 0.0 && drop_p < 1.0, "drop_p must be in [0, 1), got ", drop_p);
+  TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
+  TORCH_CHECK(splits >= 1 && splits <= 1024, "splits must be in [1, 1024], got ", splits);
+  TORCH_CHECK(splits == 1 || (!accumulate && !bias.has_value() && drop_on != 3),
+              "split-K (splits=", splits, ") sums slices afterwards: no bias, accumulate or dropout on c");
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    check_cuda_tensor(*bias, "bias", a);
+    check_same_dtype(*bias, "bias", a);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == j, "bias must be (J,) = (", j, ",), got ", shape_of(*bias));
+    bias_c = bias->contiguous();
+  }
+  if (i == 0 || j == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device());
+  ptpeft::LoraGemmArgs args{};
+  args.dtype = dtype;
+  args.c_dtype = dtype;
+  args.a = a.data_ptr(), args.b = b.data_ptr(), args.c = c.data_ptr();
+  args.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+  args.I = i, args.J = j, args.K = k;
+  fill_strides(args.a_strides, a, 0, 2);
+  fill_strides(args.b_strides, b, 0, 2);
+  fill_strides(args.c_strides, c, 0, 2);
+  args.splits = static_cast<int>(splits);
+  args.alpha = static_cast<float>(alpha), args.accumulate = accumulate;
+  args.drop_on = static_cast<int>(drop_on), args.drop_transposed = drop_transposed;
+  args.drop_p = static_cast<float>(drop_p), args.seed = static_cast<uint64_t>(seed);
+  at::Tensor workspace;
+  if (splits > 1) {
+    // float32 slices, summed (and cast) into c by ATen on the same stream.
+    workspace = at::empty({splits, i, j}, a.options().dtype(at::kFloat));
+    args.c = workspace.data_ptr(), args.c_dtype = DType::kFloat32;
+    args.c_strides[0] = j, args.c_strides[1] = 1, args.c_split = i * j;
+  }
+  check_launch(ptpeft::lora_gemm(args, current_stream(a)), "lora_gemm");
+  if (workspace.defined()) c.copy_(workspace.sum(0));
+}
+
+void lora_dropout_mask(const at::Tensor& keep, double p, int64_t seed) {
+  TORCH_CHECK(keep.is_cuda() && keep.scalar_type() == at::kByte && keep.dim() == 2 && keep.is_contiguous(),
+              "keep must be a contiguous uint8 CUDA matrix, got ", keep.scalar_type(), " ", shape_of(keep), " on ",
+              keep.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0 && seed >= 0, "p must be in [0, 1) and seed >= 0, got ", p, " and ", seed);
+  const c10::cuda::CUDAGuard guard(keep.device());
+  check_launch(ptpeft::lora_dropout_mask(keep.data_ptr<uint8_t>(), keep.size(0), keep.size(1),
+                                         static_cast<float>(p), static_cast<uint64_t>(seed), current_stream(keep)),
+               "lora_dropout_mask");
+}
+
+// ------------------------------------------------------------------------- adapter
+
+void check_elementwise(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  check_cuda_tensor(t, name, like);
+  check_same_dtype(t, name, like);
+  TORCH_CHECK(t.sizes() == like.sizes() && t.is_contiguous(), name, " must be contiguous ", shape_of(like), ", got ",
+              shape_of(t), t.is_contiguous() ? "" : " (non-contiguous)");
+}
+
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& like) {
+  if (!bias.has_value()) return at::Tensor();
+  check_cuda_tensor(*bias, "bias", like);
+  check_same_dtype(*bias, "bias", like);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == like.size(1), "bias must be (", like.size(1), ",), got ",
+              shape_of(*bias));
+  return bias->contiguous();
+}
+
+void check_activation(int64_t activation) {
+  TORCH_CHECK(activation >= 1 && activation <= 4,
+              "activation must be 1 (gelu), 2 (gelu_tanh), 3 (relu) or 4 (silu), got ", activation);
+}
+
+void adapter_bias_act(const at::Tensor& h, const std::optional<at::Tensor>& bias, const at::Tensor& act,
+                      int64_t activation) {
+  TORCH_CHECK(h.dim() == 2, "h must be (rows, cols), got ", shape_of(h));
+  check_elementwise(h, "h", h);
+  check_elementwise(act, "act", h);
+  check_activation(activation);
+  const at::Tensor b = checked_bias(bias, h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  check_launch(ptpeft::adapter_bias_act(dtype_of(h, "h", true), h.data_ptr(), b.defined() ? b.data_ptr() : nullptr,
+                                        act.data_ptr(), h.size(0), h.size(1), static_cast<int>(activation),
+                                        current_stream(h)),
+               "adapter_bias_act");
+}
+
+void adapter_residual(const at::Tensor& u, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                      double scale) {
+  TORCH_CHECK(u.dim() == 2, "u must be (rows, cols), got ", shape_of(u));
+  check_elementwise(u, "u", u);
+  check_elementwise(residual, "residual", u);
+  const at::Tensor b = checked_bias(bias, u);
+  const c10::cuda::CUDAGuard guard(u.device());
+  check_launch(ptpeft::adapter_residual(dtype_of(u, "u", true), u.data_ptr(), b.defined() ? b.data_ptr() : nullptr,
+                                        residual.data_ptr(), u.size(0), u.size(1), static_cast<float>(scale),
+                                        current_stream(u)),
+               "adapter_residual");
+}
+
+void adapter_act_grad(const at::Tensor& du, const at::Tensor& h, double scale, int64_t activation) {
+  TORCH_CHECK(du.dim() == 2, "du must be (rows, cols), got ", shape_of(du));
+  check_elementwise(du, "du", du);
+  check_elementwise(h, "h", du);
+  check_activation(activation);
+  const c10::cuda::CUDAGuard guard(du.device());
+  check_launch(ptpeft::adapter_act_grad(dtype_of(du, "du", true), du.data_ptr(), h.data_ptr(), du.size(0),
+                                        du.size(1), static_cast<float>(scale), static_cast<int>(activation),
+                                        current_stream(du)),
+               "adapter_act_grad");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ptpeft_cuda, m) {
@@ -205,11 +336,23 @@ TORCH_LIBRARY(ptpeft_cuda, m) {
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? mask, "
       "bool causal, float scale, int num_splits, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def("decode_num_splits(Tensor q, Tensor k, int prefix, int num_splits) -> int");
+  m.def(
+      "lora_gemm(Tensor a, Tensor b, Tensor(a!) c, float alpha, Tensor? bias, bool accumulate, float drop_p, "
+      "int seed, int drop_on, bool drop_transposed, int splits) -> ()");
+  m.def("lora_dropout_mask(Tensor(a!) keep, float p, int seed) -> ()");
+  m.def("adapter_bias_act(Tensor(a!) h, Tensor? bias, Tensor(b!) act, int activation) -> ()");
+  m.def("adapter_residual(Tensor(a!) u, Tensor? bias, Tensor residual, float scale) -> ()");
+  m.def("adapter_act_grad(Tensor(a!) du, Tensor h, float scale, int activation) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ptpeft_cuda, CUDA, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_num_splits", &decode_num_splits);
+  m.impl("lora_gemm", &lora_gemm);
+  m.impl("lora_dropout_mask", &lora_dropout_mask);
+  m.impl("adapter_bias_act", &adapter_bias_act);
+  m.impl("adapter_residual", &adapter_residual);
+  m.impl("adapter_act_grad", &adapter_act_grad);
 }
 
 // "import ptpeft_kernels._C" loads the library (and so registers the ops above).

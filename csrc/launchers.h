@@ -49,4 +49,45 @@ int decode_attention(const DecodeArgs& args, int sm_count, void* workspace, cuda
 // The number of splits a call would use (for tests and benchmarks).
 int decode_num_splits(const DecodeArgs& args, int sm_count);
 
+// ---------------------------------------------------------------- LoRA (lora/skinny_gemm.h)
+
+// C (I x J) = alpha * A (I x K) B (J x K)^T (+ bias[j]) (+ C); element strides; dropout on
+// A, B or C as documented in skinny_gemm.h. ``c_dtype`` is the input dtype, or float32 for a
+// split-K workspace of ``splits`` slices c_split elements apart.
+struct LoraGemmArgs {
+  DType dtype;
+  DType c_dtype;
+  const void* a;
+  const void* b;
+  void* c;
+  const void* bias;
+  int64_t I, J, K;
+  int64_t a_strides[2], b_strides[2], c_strides[2];
+  int64_t c_split;
+  int splits;
+  float alpha;
+  bool accumulate;
+  int drop_on;  // 0 none, 1 A, 2 B, 3 C
+  bool drop_transposed;
+  float drop_p;
+  uint64_t seed;
+};
+
+int lora_gemm(const LoraGemmArgs& args, cudaStream_t stream);
+
+// keep (rows x cols, uint8) = the dropout keep-mask of x viewed as (rows, cols).
+int lora_dropout_mask(uint8_t* keep, int64_t rows, int64_t cols, float p, uint64_t seed, cudaStream_t stream);
+
+// ---------------------------------------------------------------- adapter epilogues (adapter/)
+
+// h (rows x cols, contiguous) += bias (if any), written back; act = activation(h).
+int adapter_bias_act(DType dtype, void* h, const void* bias, void* act, int64_t rows, int64_t cols, int activation,
+                     cudaStream_t stream);
+// u = residual + scale * (u + bias): the up-projection's epilogue, in place on u (rows x cols).
+int adapter_residual(DType dtype, void* u, const void* bias, const void* residual, int64_t rows, int64_t cols,
+                     float scale, cudaStream_t stream);
+// du = du * scale * activation'(h), in place (rows x cols): the gradient through the activation.
+int adapter_act_grad(DType dtype, void* du, const void* h, int64_t rows, int64_t cols, float scale, int activation,
+                     cudaStream_t stream);
+
 }  // namespace ptpeft

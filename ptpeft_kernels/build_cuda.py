@@ -106,6 +106,12 @@ def build_inplace(arch_list: list[str], verbose: bool = False) -> Path:
     """Run the setup.py build in place; returns the built library's path."""
     env = {**os.environ, "PTPEFT_CUDA_ARCHS": ";".join(arch_list)}
     env.pop("PTPEFT_SKIP_CUDA_BUILD", None)
+    if not env.get("CUDA_HOME") and not env.get("CUDA_PATH"):
+        # torch takes CUDA_HOME from nvcc's location, which a wrapper script on PATH (as on the
+        # CI machines: /usr/local/bin/nvcc) gets wrong; point it at the toolkit holding the headers.
+        include = cuda_include_dir()
+        if include is not None:
+            env["CUDA_HOME"] = str(include.parent)
     cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=not verbose, text=True)
     lib = built_library()

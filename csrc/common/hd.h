@@ -9,6 +9,13 @@
 
 #include <cstdint>
 
+// Loops over register arrays must be unrolled on the device, or the arrays go to local memory.
+#if defined(__CUDA_ARCH__)
+#define PTPEFT_UNROLL _Pragma("unroll")
+#else
+#define PTPEFT_UNROLL
+#endif
+
 #if defined(__CUDACC__)
 #define PTPEFT_HD __host__ __device__ __forceinline__
 #define PTPEFT_DEVICE __device__ __forceinline__

@@ -144,6 +144,7 @@ struct Block {
       s.m[tid] = -INFINITY;
       s.l[tid] = 0.0f;
     }
+    PTPEFT_UNROLL
     for (int i = 0; i < PvMap<D>::kMaxRows; ++i) regs.acc[i][0] = regs.acc[i][1] = 0.0f;
   }
 
@@ -185,14 +186,17 @@ struct Block {
   PTPEFT_DEVICE void scores_rows(Smem<T, D>& s, int j, int hr, int64_t tile_start) const {
     constexpr int kStride = kThreads / kTileKeys;
     float dot[R];
+    PTPEFT_UNROLL
     for (int i = 0; i < R; ++i) dot[i] = 0.0f;
     for (int d = 0; d < D; d += 2) {
       const Float2 kv = load2(&s.ks[j][d]);
+      PTPEFT_UNROLL
       for (int i = 0; i < R; ++i) {
         const int r = hr + i * kStride;
         if (r < rows) dot[i] += s.qs[r][d] * kv.x + s.qs[r][d + 1] * kv.y;
       }
     }
+    PTPEFT_UNROLL
     for (int i = 0; i < R; ++i) {
       const int r = hr + i * kStride;
       if (r < rows) s.ps[r][j] = visible(r, tile_start + j) ? dot[i] : -INFINITY;
@@ -253,6 +257,7 @@ struct Block {
   template <int R>
   PTPEFT_DEVICE void pv_rows(const Smem<T, D>& s, Regs<D>& regs, int dp, int rg) const {
     using Map = PvMap<D>;
+    PTPEFT_UNROLL
     for (int i = 0; i < R; ++i) {
       const int r = rg + i * Map::kGroups;
       if (r < rows) {
@@ -262,6 +267,7 @@ struct Block {
     }
     for (int j = 0; j < kTileKeys; ++j) {
       const Float2 v = load2(&s.vs[j][2 * dp]);
+      PTPEFT_UNROLL
       for (int i = 0; i < R; ++i) {
         const int r = rg + i * Map::kGroups;
         if (r < rows) {
@@ -295,9 +301,10 @@ struct Block {
     const int dp = tid % Map::kPairs, rg = tid / Map::kPairs;
     if (rg >= Map::kGroups) return;
     const int splits = p.plan.num_splits;
+    PTPEFT_UNROLL
     for (int i = 0; i < Map::kMaxRows; ++i) {
       const int r = rg + i * Map::kGroups;
-      if (r >= rows) break;
+      if (r >= rows) continue;
       const float l = s.l[r];
       const float inv = l > 0.0f ? 1.0f / l : 0.0f;
       const RowIndex ri = row_index(r0 + r, kv_head, p.groups, p.N);

@@ -64,3 +64,58 @@ def decode(
     if splits < 0:
         raise ValueError(f"the decode kernel has no head dim {d} instantiation")
     return out, lse, splits
+
+
+def lora_gemm(a, b, c, alpha=1.0, bias=None, accumulate=False, drop=None, splits=1, reverse=False):
+    """The cuda backend's ``lora_gemm`` on float32 CPU tensors (split-K handled as in bindings.cpp)."""
+    lib = host_lib.load()
+    p, seed, on, transposed = drop if drop is not None else (0.0, 0, 0, False)
+    i, k = a.shape
+    j = b.shape[0]
+    assert b.shape[1] == k and tuple(c.shape) == (i, j) and a.dtype == b.dtype == c.dtype == torch.float32
+    assert splits == 1 or (bias is None and not accumulate and on != 3)
+    target, c_split = c, 0
+    if splits > 1:
+        target = torch.full((splits, i, j), float("nan"), dtype=torch.float32)
+        c_split = i * j
+    strides = [*a.stride(), *b.stride(), *target.stride()[-2:]]
+    bias_c = bias.contiguous() if bias is not None else None
+    lib.ptpeft_lora_gemm_emulate(
+        _ptr(a), _ptr(b), _ptr(target), _ptr(bias_c), _i64(i), _i64(j), _i64(k), (_i64 * 6)(*strides),
+        _int(splits), _i64(c_split), _f32(alpha), _int(int(accumulate)), _int(on), _int(int(transposed)),
+        _f32(p), ctypes.c_uint64(seed), _int(int(reverse)),
+    )  # fmt: skip
+    if splits > 1:
+        c.copy_(target.sum(0))
+
+
+def dropout_keep_mask(rows: int, cols: int, p: float, seed: int) -> torch.Tensor:
+    lib = host_lib.load()
+    keep = torch.empty((rows, cols), dtype=torch.uint8)
+    lib.ptpeft_dropout_keep_mask(_ptr(keep), _i64(rows), _i64(cols), _f32(p), ctypes.c_uint64(seed))
+    return keep.bool()
+
+
+def _epilogue(kind, h, bias, other, scale, activation):
+    for t in (h, bias, other):
+        assert t is None or (t.dtype == torch.float32 and t.is_contiguous())
+    rows, cols = h.shape
+    host_lib.load().ptpeft_adapter_epilogue(
+        _int(kind), _ptr(h), _ptr(bias), _ptr(other), _i64(rows), _i64(cols), _f32(scale), _int(activation)
+    )
+
+
+class Epilogues:
+    """The adapter epilogue ops with the signatures of ``torch.ops.ptpeft_cuda.adapter_*``, run on the CPU."""
+
+    @staticmethod
+    def bias_act(h, bias, act, activation):
+        _epilogue(0, h, bias, act, 1.0, activation)
+
+    @staticmethod
+    def residual(u, bias, residual, scale):
+        _epilogue(1, u, bias, residual, scale, 0)
+
+    @staticmethod
+    def act_grad(du, h, scale, activation):
+        _epilogue(2, du, None, h, scale, activation)

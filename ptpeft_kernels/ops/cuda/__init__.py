@@ -6,7 +6,7 @@ extension. Importing this package registers the implementations; they call
 ``torch.ops.ptpeft_cuda.*``, which exist once :func:`load_reason` has loaded the library.
 """
 
-from . import prefix_attention  # noqa: F401  (registration side effects)
+from . import adapter, lora, prefix_attention  # noqa: F401  (registration side effects)
 from ._library import load_reason
 
 __all__ = ["load_reason"]
