@@ -98,9 +98,10 @@ def _machine_reason(backend: str) -> str | None:
     if backend == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device"
-        if importlib.util.find_spec("ptpeft_kernels._C") is None:
-            return "the CUDA extension ptpeft_kernels._C is not built (see setup.py)"
-        return None
+        # Listed only once the extension has actually loaded (a stale or mismatched build is a reason).
+        from .ops.cuda._library import load_reason
+
+        return load_reason()
     raise AssertionError(backend)
 
 
