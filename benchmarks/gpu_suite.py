@@ -239,6 +239,20 @@ def _memory(run: Run) -> list[Step]:
     return [Step([*argv, *run.bench_args("attn_memory.csv", repeats=2, warmup=1)])]
 
 
+def _cuda(run: Run) -> list[Step]:
+    if run.args.smoke:  # no CUDA torch on a CPU: the extension cannot build, its host-side tests can run
+        run.skip("cuda: extension build, GPU tests and benchmarks need a GPU (smoke ran the host-side tests)")
+        return [Step(run.pytest("tests/cuda/test_host_math.py"))]
+    return [
+        Step([PY, "-m", "ptpeft_kernels.build_cuda", "--archs", "native"], needs=("exe:nvcc",)),
+        Step(run.pytest("tests/cuda")),
+        Step(
+            [PY, "benchmarks/cuda_ops.py", "--csv", run.csv("cuda_ops.csv")]
+            + ["--summary", str(run.logs / "cuda_summary.md")]
+        ),
+    ]
+
+
 PHASES: list[Phase] = [
     Phase(
         "env",
@@ -251,7 +265,7 @@ PHASES: list[Phase] = [
     ),
     Phase(
         "tests",
-        0.42,
+        0.36,
         "op, layer, backend and guard tests on the GPU (Triton compiled), pass/fail counts",
         lambda run: [Step(run.pytest(*run.shapes["tests"]))],
     ),
@@ -266,7 +280,7 @@ PHASES: list[Phase] = [
             )
         ],
     ),
-    Phase("attn", 0.10, "prefix attention at the target shape, bf16", _bench("attn.py", "attn", "attn.csv")),
+    Phase("attn", 0.09, "prefix attention at the target shape, bf16", _bench("attn.py", "attn", "attn.csv")),
     Phase("lora", 0.07, "fused LoRA at the target shape, bf16", _bench("lora.py", "lora", "lora.csv")),
     Phase(
         "adapter",
@@ -275,9 +289,10 @@ PHASES: list[Phase] = [
         _bench("adapter.py", "adapter", "adapter.csv"),
     ),
     Phase("memory", 0.07, "attention fwd+bwd peak memory at three N, bf16", _memory),
+    Phase("cuda", 0.15, "CUDA extension: in-place build, tests, decode / LoRA / adapter benchmarks", _cuda),
     Phase(
         "train_step",
-        0.10,
+        0.08,
         "the built-in model's stage-2 training step against PEFT's, bf16",
         _bench("train_step.py", "train_step", "train_step.csv", needs=("peft", "transformers")),
     ),
@@ -527,6 +542,14 @@ def _guard(run: Run) -> list[tuple[str, str]]:
     return [(figure, "missed" if wrong else "met" if complete else "not reached")]
 
 
+def _cuda_targets(run: Run) -> list[tuple[str, str]]:
+    """cuda_ops.py's own verdict lines ("TARGET name: figure -> met|MISSED") from this run's log."""
+    log = run.logs / "cuda.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = re.findall(r"^TARGET (.+) -> (met|MISSED)$", text, flags=re.M)
+    return [(figure, "met" if verdict == "met" else "missed") for figure, verdict in found]
+
+
 def _wall(run: Run) -> list[tuple[str, str]]:
     wall = time.monotonic() - run.started
     return [
@@ -547,6 +570,7 @@ TARGETS: list[Target] = [
         "train_step",
         ratio_target("train_step.csv", "peft-lora", 1.0, ("ptpeft-stage2", "ptpeft-lora")),
     ),
+    Target("CUDA decode / LoRA targets (benchmarks/cuda_ops.py)", "cuda", _cuda_targets),
     Target(f"whole suite <= {TARGET_WALL_S / 60:g} min wall", "", _wall),
 ]
 

@@ -59,8 +59,15 @@ def sources() -> list[Path]:
 
 
 def archs(value: str | None = None) -> list[str]:
-    """Compute capabilities from ``value`` or ``PTPEFT_CUDA_ARCHS``: "80;90", "8.0 9.0", "sm_90"."""
+    """Compute capabilities from ``value`` or ``PTPEFT_CUDA_ARCHS``: "80;90", "8.0 9.0", "sm_90", or
+    "native" (the current GPU's, so a GPU session builds only what it runs)."""
     raw = value if value is not None else os.environ.get("PTPEFT_CUDA_ARCHS", DEFAULT_ARCHS)
+    if raw.strip().lower() == "native":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--archs native needs a CUDA device; name the architectures instead, e.g. 80;90")
+        raw = "{}{}".format(*torch.cuda.get_device_capability())
     out = []
     for item in re.split(r"[;,\s]+", raw.strip()):
         if not item:
@@ -372,7 +379,8 @@ def check(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--archs", default=None, help=f"e.g. '80;90' (default: $PTPEFT_CUDA_ARCHS or {DEFAULT_ARCHS})"
+        "--archs", default=None, help=f"e.g. '80;90', or 'native' for this machine's GPU "
+        f"(default: $PTPEFT_CUDA_ARCHS or {DEFAULT_ARCHS})"
     )
     parser.add_argument("--check", action="store_true", help="compile-only check of every source (no GPU)")
     parser.add_argument(
