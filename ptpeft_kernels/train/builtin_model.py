@@ -310,6 +310,9 @@ class BuiltinAssets:
         return {
             "image_dir": str(d.image_dir),
             "karpathy": str(d.karpathy),
+            # The pre-training distribution, where the representation measures are also taken.
+            "pretrain_karpathy": str(self.pretrain_data.karpathy),
+            "pretrain_image_dir": str(self.pretrain_data.image_dir),
             **{f"{s}_questions": str(f.questions) for s, f in d.splits.items()},
             **{f"{s}_annotations": str(f.annotations) for s, f in d.splits.items()},
             **{f"{s}_captions": str(f.captions) for s, f in d.splits.items()},
