@@ -374,7 +374,7 @@ class Trainer:
                 real_positions=real,
             )
             reports[dist_name] = rep
-            replicates.update({f"{dist_name}/{k}": v.float() for k, v in reps.items()})
+            replicates.update({f"{dist_name}/{k}": v.double() for k, v in reps.items()})
         from safetensors.torch import save_file
 
         if first:
