@@ -187,6 +187,8 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> nn.Module:
     """The checkpoint's own architecture class (so adapter key names match training), else AutoModel."""
     import transformers
 
+    from ..train import minilm  # noqa: F401 - registers the MiniLM preset's model type (its checkpoints load)
+
     config = transformers.AutoConfig.from_pretrained(path)
     cls = next(
         (getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
