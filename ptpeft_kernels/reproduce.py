@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
             "recipes) are refused. Measured on an idle 2-core CPU (one run at a time, built-in default "
             "preset): the default 1114-1214 s (18.6-20.2 min) and --quick 228-296 s with an empty cache "
             "(pre-training the built-in model once: 136-157 s of that), --quick 100-130 s with the model "
-            "cached; docs/reproduce/ holds the default's tables and plot. A real checkpoint on a GPU: "
+            "cached; docs/reproduce/README.md gives the commands of the committed results. A real checkpoint on a GPU: "
             "python -m ptpeft_kernels.reproduce --model /ckpt/blip2-opt-2.7b --captions "
             "/coco/dataset_coco.json --image-dir /coco --dtype bfloat16 --bf16 --max-eval-samples 1000 "
             "(see the README)."

@@ -331,3 +331,30 @@ def test_rank_ordering_and_paper_table():
     rows = {r[0]: r for r in R.paper_rows(rep)}
     assert rows["full"][1:3] == ["47.0", "-21.2"] and rows["full"][4] == "-15.0"
     assert rows["pt-lora"][1] == "not quoted"
+
+
+def test_under_torchrun_every_run_is_one_distributed_training(tiny_run, tiny_cache, tmp_path):
+    """Two processes run the same runs together (one process group for all of them); rank 0 writes
+    the tables, and each run equals its single-process counterpart of the module's reproduction."""
+    import os
+    import subprocess
+    import sys
+
+    out, _ = tiny_run
+    argv = _argv(tmp_path / "ddp", tiny_cache)
+    argv[argv.index("--methods") + 1 : argv.index("--seeds")] = ["lora", "pt-lora"]
+    argv[argv.index("--seeds") + 1] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, "-m", "ptpeft_kernels.reproduce", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wall time") == 1  # rank 0 alone prints the result
+    for m in ("lora", "pt-lora"):
+        ddp = json.loads((tmp_path / "ddp" / "runs" / f"{m}-seed0" / "report.json").read_text())
+        ref = _reports(out)[(m, 0)]
+        assert ddp["world_size"] == 2 and ddp["complete"]
+        # Same global batch, same run (the driver's DDP guarantee) up to the all-reduce's round-off.
+        assert _last(ddp) == pytest.approx(_last(ref), rel=1e-4, abs=1e-4)
+    assert "torchrun --nproc_per_node=2" in (tmp_path / "ddp" / "reproduce.md").read_text()
