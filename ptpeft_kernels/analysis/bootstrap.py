@@ -35,8 +35,6 @@ DEFAULT_SEED = 0
 # Per-sample (d1 x d2) statistics of the feature-space CKA route are kept in memory up to this many
 # float64 values (1 GiB); wider models take the token-Gram route, whose memory does not grow with d.
 _FEATURE_ROUTE_MAX_VALUES = 2**27
-# Replicates computed at once (bounds the (chunk x d1 d2) intermediate of the feature route).
-_CHUNK = 64
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
@@ -148,10 +146,11 @@ def cka_replicates(
         C_xy = sum_i w_i X_i^T Y_i - (sum_i w_i s^x_i)(sum_i w_i s^y_i)^T / N,
         CKA  = ||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F).
 
-    ``route="features"`` keeps each sample's (d x d) products and forms the sums per replicate;
-    ``route="tokens"`` expands the squared norms into per-sample-pair quantities computed once
-    from token Gram blocks (memory independent of the width d); ``"auto"`` picks features when
-    their products fit in 1 GiB. Both are exact; tests compare them with a direct computation.
+    The squared norms expand into per-sample-pair quantities computed once (then O(S^3) per
+    replicate): ``route="features"`` takes them from each sample's (d x d) products,
+    ``route="tokens"`` from token Gram blocks (memory independent of the width d, cost N^2 d);
+    ``"auto"`` picks features when their products fit in 1 GiB. Both are exact; tests compare
+    them with a direct computation.
     """
     xs, ys = _per_sample(base, "base"), _per_sample(adapted, "adapted")
     if [x.shape[0] for x in xs] != [y.shape[0] for y in ys]:
@@ -177,31 +176,28 @@ def cka_replicates(
 
 
 def _frobenius_features(xs, ys, sx, sy, lengths, counts):
-    """||C_xy||^2, ||C_xx||^2, ||C_yy||^2 per replicate from per-sample (d x d) products."""
-    pxy = torch.stack([x.T @ y for x, y in zip(xs, ys, strict=True)]).flatten(1)
-    pxx = torch.stack([x.T @ x for x in xs]).flatten(1)
-    pyy = torch.stack([y.T @ y for y in ys]).flatten(1)
-    out = [[], [], []]
-    for start in range(0, counts.shape[0], _CHUNK):
-        w = counts[start : start + _CHUNK]
-        n = w @ lengths  # (b,)
-        mx, my = (w @ sx) / n[:, None], (w @ sy) / n[:, None]
-        for slot, (prod, a, b) in enumerate(((pxy, mx, my), (pxx, mx, mx), (pyy, my, my))):
-            c = (w @ prod).view(w.shape[0], a.shape[1], b.shape[1]) - n[:, None, None] * a[:, :, None] * b[
-                :, None, :
-            ]
-            out[slot].append(c.square().sum(dim=(1, 2)))
-    return tuple(torch.cat(o) for o in out)
+    """||C_xy||^2, ||C_xx||^2, ||C_yy||^2 per replicate, the pair terms of :func:`_assemble` taken
+    from per-sample (d x d) products: G = P P^T over flattened products, T_i = S_x P_i S_y^T."""
+
+    def pair_terms(a_list, b_list, sa, sb):
+        prods = torch.stack([a.T @ b for a, b in zip(a_list, b_list, strict=True)])  # (S, da, db)
+        flat = prods.flatten(1)
+        return flat @ flat.T, sa @ prods @ sb.T  # (S, S) and (S, S, S): [i, j, k] = s_j^T P_i s_k
+
+    return _assemble(
+        pair_terms(xs, ys, sx, sy),
+        pair_terms(xs, xs, sx, sx),
+        pair_terms(ys, ys, sy, sy),
+        sx,
+        sy,
+        lengths,
+        counts,
+    )
 
 
 def _frobenius_tokens(xs, ys, sx, sy, lengths, counts):
-    """The same three squared norms via per-sample-pair terms:
-
-    ||sum_i w_i X_i^T Y_i - N m_x m_y^T||^2
-        = w^T G w - 2 sum_ijk w_i w_j w_k T_ijk / N + (w^T U w)(w^T V w) / N^2
-    with G_ij = <X_i^T Y_i, X_j^T Y_j> = sum((X_i X_j^T) * (Y_i Y_j^T)), T_ijk = (X_i s^x_j) . (Y_i s^y_k),
-    U_jk = s^x_j . s^x_k and V likewise for y.
-    """
+    """The same pair terms from token Gram blocks, without any (d x d) matrix:
+    G_ij = <X_i^T Y_i, X_j^T Y_j> = sum((X_i X_j^T) * (Y_i Y_j^T)), T_ijk = (X_i s^x_j) . (Y_i s^y_k)."""
     s = len(xs)
 
     def pair_terms(a_list, b_list, sa, sb):
@@ -218,10 +214,26 @@ def _frobenius_tokens(xs, ys, sx, sy, lengths, counts):
             t[i] = (a @ sa.T).T @ (b @ sb.T)  # (S, S): [j, k] = (X_i s_j) . (Y_i s_k)
         return g, t
 
-    gxy, txy = pair_terms(xs, ys, sx, sy)
-    gxx, txx = pair_terms(xs, xs, sx, sx)
-    gyy, tyy = pair_terms(ys, ys, sy, sy)
-    ux, uy = sx @ sx.T, sy @ sy.T
+    return _assemble(
+        pair_terms(xs, ys, sx, sy),
+        pair_terms(xs, xs, sx, sx),
+        pair_terms(ys, ys, sy, sy),
+        sx,
+        sy,
+        lengths,
+        counts,
+    )
+
+
+def _assemble(xy, xx, yy, sx, sy, lengths, counts):
+    """Per replicate (weights w = counts[b], N = w . lengths):
+
+    ||sum_i w_i X_i^T Y_i - N m_x m_y^T||^2
+        = w^T G w - 2 sum_ijk w_i w_j w_k T_ijk / N + (w^T U w)(w^T V w) / N^2
+
+    with U_jk = s^x_j . s^x_k and V likewise for y; the same for (x, x) and (y, y). Costs O(S^3) per
+    replicate whatever the width."""
+    s = sx.shape[0]
     w = counts
     n = w @ lengths
 
@@ -233,8 +245,8 @@ def _frobenius_tokens(xs, ys, sx, sy, lengths, counts):
         inner = (w @ t.reshape(s, s * s)).view(-1, s, s)
         return torch.einsum("bjk,bj,bk->b", inner, w, w)
 
-    qx, qy = quad(ux), quad(uy)
-    cross = quad(gxy) - 2.0 * cubic(txy) / n + qx * qy / n.square()
-    norm_x = quad(gxx) - 2.0 * cubic(txx) / n + qx * qx / n.square()
-    norm_y = quad(gyy) - 2.0 * cubic(tyy) / n + qy * qy / n.square()
-    return cross, norm_x, norm_y
+    qx, qy = quad(sx @ sx.T), quad(sy @ sy.T)
+    out = []
+    for (g, t), (qa, qb) in ((xy, (qx, qy)), (xx, (qx, qx)), (yy, (qy, qy))):
+        out.append(quad(g) - 2.0 * cubic(t) / n + qa * qb / n.square())
+    return tuple(out)
