@@ -157,6 +157,9 @@ def format_table(report: dict[str, Any]) -> str:
         )
     title = f"{report.get('method')} on {report.get('task')} ({report.get('model')})"
     n = (report.get("pretrained", {}).get("representation") or {}).get("spectrum_length")
-    foot = f"\nrank ratio over a spectrum of n = {n} singular values (steps of {100 / n:.2f} points)"
-    foot = foot if n else ""
+    foot = (
+        f"\nrank ratio over a spectrum of n = {n} singular values (steps of {100 / n:.2f} points)"
+        if n
+        else ""
+    )
     return title + "\n" + "\n".join(out) + foot

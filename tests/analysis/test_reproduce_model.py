@@ -58,7 +58,7 @@ def _argv(user_setup, out: Path) -> list[str]:
         "--steps",
         "2",
         "--methods",
-        "pt-lora",
+        "lora",
         "--batch-size",
         "4",
         "--output-dir",
@@ -85,7 +85,7 @@ def test_reproduce_on_a_saved_checkpoint_and_coco_files(user_setup, tmp_path, ca
     finally:
         torch.set_num_threads(threads)
     assert result["trained"] == 1 and (tmp_path / "r" / "reproduce.md").is_file()
-    for method, lr in (("pt-lora", {"stage1_lr": 5e-3, "stage2_lr": 1e-4}),):
+    for method, lr in (("lora", {"lr": 2e-4}),):
         cfg = json.loads((tmp_path / "r" / "runs" / f"{method}-seed0" / "config.json").read_text())
         # Every data option reached the driver; the 'model' recipe set gave each method its rates.
         assert cfg["model"] == str(user_setup[0]) and cfg["val_captions"] == str(user_setup[2])
@@ -95,7 +95,7 @@ def test_reproduce_on_a_saved_checkpoint_and_coco_files(user_setup, tmp_path, ca
         assert report["eval_examples"] == 4 and report["train_examples"] == 12
         assert "pretrain_distribution" in report["stages"][-1]["representation"]
     md = (tmp_path / "r" / "reproduce.md").read_text()
-    assert f"- model: {user_setup[0]}" in md and "'model' set" in md and "pt-lora: stage1_lr 0.005" in md
+    assert f"- model: {user_setup[0]}" in md and "'model' set" in md and "lora: lr 0.0002" in md
     out = capsys.readouterr().out
     assert "rank ratio over a spectrum of n = 16 singular values" in out
 
@@ -105,7 +105,7 @@ def test_print_config_shows_the_resolved_recipes_and_trains_nothing(user_setup, 
     recipes.write_text(json.dumps({"model": {"methods": {"full": {"lr": 3e-6}}, "quick_steps": 7}}))
     argv = _argv(user_setup, tmp_path / "p")
     argv[argv.index("--steps") : argv.index("--steps") + 2] = []
-    argv[argv.index("--methods") : argv.index("--methods") + 3] = [
+    argv[argv.index("--methods") : argv.index("--methods") + 2] = [
         "--recipes",
         str(recipes),
         "--print-config",
