@@ -3,13 +3,16 @@ number of positions per sample (:func:`pad_to_length`, ``length=`` of :func:`col
 
 Fixed length. The paper's rank ratio moves in steps of 100 / n points with n = min(L, d) for L
 positions per sample; the built-in model's samples have about 23 positions (4.3-point steps).
-Measuring the first ``length`` positions of every sample (128 by default in the driver) — the
-sample's own positions first, then, where it is shorter, the model's hidden states at right
-padding positions (pad token, attention mask 0: what a tokenizer's ``padding="max_length"``
-gives) — makes n = min(length, d) the same for every sample and every model. The padding rows
-are what the model computes at a padding token after that sample; they are the same inputs for
-every model compared, so a change there is a change of the model. The share of real positions
-is reported beside every figure (``real_positions``).
+Measuring the first ``length`` positions of every sample (128 by default in the driver) makes
+n = min(length, d) the same for every sample and every model. Where a sample is shorter, the
+driver either continues its caption with itself (``--rank-fill repeat``, the default, see
+:func:`ptpeft_kernels.analysis.measures.repeated_text`: every measured position is a real token)
+or pads it (``--rank-fill pad``, :func:`pad_to_length`: pad token, attention mask 0, what a
+tokenizer's ``padding="max_length"`` gives; the padding rows are the model's hidden states at a
+padding token after the sample — for the built-in model's ~23-token samples about 80 % of 128
+rows, whose values every method may change, prefix-tuning also through the prefixes those
+positions attend to). The share of real positions is reported beside every figure
+(``real_positions``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,18 @@ from .features import collect_features, pad_to_length
 from .spectrum import check_threshold, effective_ranks, normalized_spectra, rank_ratio_from_curve
 
 MEASURES = ("rank_ratio", "effective_rank", "deviation", "cka")
+FILLS = ("repeat", "pad")
+
+
+def repeated_text(text: str, length: int) -> str:
+    """``text`` repeated (space-separated) until it has at least ``length`` words, so that its tokens,
+    at least one per word, fill ``length`` positions: the "repeat" fill of a fixed-length measurement,
+    where a sample shorter than the measured length continues with its own caption instead of
+    padding, and every measured position is a real token the model reads."""
+    words = len(text.split())
+    if words == 0:
+        raise ValueError("cannot repeat an empty text to a fixed length")
+    return " ".join([text] * -(-length // words))
 
 
 def fixed_length_features(

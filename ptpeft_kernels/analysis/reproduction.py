@@ -224,6 +224,7 @@ class Reproduction:
     positions: int | None = None  # rows per sample
     real_positions: dict[str, float] = field(default_factory=dict)  # share of real tokens per distribution
     resamples: int | None = None
+    fill: str | None = None  # how samples shorter than `positions` were filled ("repeat", "pad")
 
     @property
     def trained(self) -> dict[str, MethodSummary]:
@@ -346,6 +347,7 @@ def summarize(runs: Sequence[RunResult]) -> Reproduction:
         positions=first.get("positions"),
         real_positions=real,
         resamples=(first.get("bootstrap") or {}).get("resamples"),
+        fill=first.get("fill"),
     )
 
 
@@ -708,7 +710,9 @@ def resolution_line(rep: Reproduction) -> str:
     text = f"rank ratio over a spectrum of n = {n} singular values: steps of 100 / {n} = {100 / n:.2f} points"
     if rep.positions:
         text += f"; {rep.positions} positions per sample"
-    if rep.real_positions:
+    if rep.fill:
+        text += f", filled by {rep.fill}"
+    if rep.real_positions and min(rep.real_positions.values()) < 1.0:
         text += (
             " ("
             + ", ".join(

@@ -108,6 +108,7 @@ class RunConfig:
     threads: int = 0
     # Representation measures (issue 11); defaults keep config.json files of older runs loadable.
     rank_length: int = 128
+    rank_fill: str = "repeat"
     rank_bootstrap: int = 1000
     rank_pretrain_captions: str | None = None
     rank_pretrain_image_dir: str | None = None
@@ -124,7 +125,7 @@ class RunConfig:
     def from_json(cls, data: dict, source: str = "config.json") -> RunConfig:
         names = {f.name for f in fields(cls)}
         optional = ("threads", "fail_at_step", "kill_at_step", "extra", "rank_length", "rank_bootstrap")
-        optional += ("rank_pretrain_captions", "rank_pretrain_image_dir")
+        optional += ("rank_pretrain_captions", "rank_pretrain_image_dir", "rank_fill")
         missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ValueError(f"{source}: missing keys {sorted(missing)}")
@@ -519,9 +520,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonneg_int,
         default=128,
         metavar="N",
-        help="positions measured per sample: the first N of each sample's sequence (image and text), "
-        "right-padded where it is shorter, so the rank ratio moves in steps of 100 / min(N, hidden size) "
-        "points; 0: each sample's own positions, all truncated to the shortest sample",
+        help="positions measured per sample: the first N of each sample's sequence (image and text; "
+        "see --rank-fill where it is shorter), so the rank ratio moves in steps of 100 / min(N, hidden "
+        "size) points; 0: each sample's own positions, all truncated to the shortest sample",
+    )
+    g.add_argument(
+        "--rank-fill",
+        default="repeat",
+        choices=("repeat", "pad"),
+        help="how a sample shorter than --rank-length is filled: repeat (its caption / answer repeated "
+        "after itself: every measured position is a real token) or pad (right padding, attention mask "
+        "0, as padding='max_length' does: the padding rows are the model's hidden states there)",
     )
     g.add_argument(
         "--rank-bootstrap",
@@ -773,6 +782,7 @@ def resolve(a: argparse.Namespace) -> RunConfig:
         rank_samples=a.rank_samples,
         rank_threshold=a.rank_threshold,
         rank_length=a.rank_length,
+        rank_fill=a.rank_fill,
         rank_bootstrap=a.rank_bootstrap,
         rank_pretrain_captions=a.rank_pretrain_captions,
         rank_pretrain_image_dir=a.rank_pretrain_image_dir,

@@ -338,6 +338,12 @@ class Trainer:
 
     def _rank_batches(self, examples: list[Example]) -> list[dict]:
         ex = examples[: self.cfg.rank_samples]
+        if self.cfg.rank_length and self.cfg.rank_fill == "repeat":
+            from dataclasses import replace
+
+            from ..analysis.measures import repeated_text
+
+            ex = [replace(e, target=repeated_text(e.target, self.cfg.rank_length)) for e in ex]
         bs = self.cfg.eval_batch_size
         return [self.train_collator(ex[i : i + bs]) for i in range(0, len(ex), bs)]
 
@@ -373,6 +379,7 @@ class Trainer:
                 resamples=self.cfg.rank_bootstrap,
                 real_positions=real,
             )
+            rep["fill"] = self.cfg.rank_fill if self.cfg.rank_length else "none (truncated to the shortest)"
             reports[dist_name] = rep
             replicates.update({f"{dist_name}/{k}": v.double() for k, v in reps.items()})
         from safetensors.torch import save_file

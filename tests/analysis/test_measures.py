@@ -12,7 +12,7 @@ import torch
 from ptpeft_kernels import analysis as A
 from ptpeft_kernels.analysis import bootstrap as B
 from ptpeft_kernels.analysis.features import pad_to_length
-from ptpeft_kernels.analysis.measures import fixed_length_features, representation_report
+from ptpeft_kernels.analysis.measures import fixed_length_features, repeated_text, representation_report
 
 from .test_spectrum import with_singular_values
 
@@ -150,3 +150,13 @@ def test_fixed_length_features_are_the_model_outputs_on_the_padded_sequence(tiny
     torch.testing.assert_close(feats[1][:2], alone[0], atol=1e-5, rtol=0)
     truncated, share2 = fixed_length_features(tiny_llama, [batch], length=3, pad_token_id=0)
     assert all(f.shape == (3, 32) for f in truncated) and share2 == pytest.approx(5 / 6)
+
+
+def test_repeat_fill_continues_the_text_with_itself_to_at_least_the_length():
+    assert (
+        repeated_text("two shapes : a red circle .", 10)
+        == "two shapes : a red circle . two shapes : a red circle ."
+    )
+    assert repeated_text("a b c", 3) == "a b c" and len(repeated_text("a b c", 7).split()) == 9
+    with pytest.raises(ValueError, match="empty"):
+        repeated_text("  ", 5)

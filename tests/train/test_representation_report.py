@@ -39,7 +39,8 @@ def test_measures_before_stage1_and_after_every_stage_against_the_pretrained_mod
         assert pre["spectrum"] == pytest.approx(base_curve.tolist(), abs=1e-12)
         assert pre["rank_ratio"] == rank_ratio_from_curve(base_curve)
         assert pre["spectrum_length"] == 32 and pre["positions"] == 128 and pre["samples"] == 4
-        assert 0 < pre["real_positions"] < 0.5  # tiny samples are ~20 tokens: most of 128 is padding
+        # --rank-fill repeat (default): the ~20-token samples continue with their own caption, no padding.
+        assert pre["real_positions"] == 1.0
         assert pre["effective_rank"] == pytest.approx(_erank(base), rel=1e-6)
         assert pre["deviation"] == 0.0 and pre["cka"] == pytest.approx(1.0)
         assert pre["bootstrap"] == {"resamples": 50, "seed": 0, "confidence": 0.95}
