@@ -467,9 +467,11 @@ def _result_line(run: PlannedRun, report: dict[str, Any], seconds: float | None)
     rep = last.get("representation") or {}
     primary = report["primary_metric"]
     took = f", {seconds:.0f} s" if seconds is not None else ""
+    n = f" (n = {rep['spectrum_length']})" if rep.get("spectrum_length") else ""
     return (
         f"{run.name}: {primary} {last['scores'][primary]:.1f}, "
-        f"rank ratio {rep.get('rank_ratio', nan):.1f} %, deviation {rep.get('deviation', nan):.3f}, "
+        f"rank ratio {rep.get('rank_ratio', nan):.1f} %{n}, "
+        f"effective rank {rep.get('effective_rank', nan):.2f}, deviation {rep.get('deviation', nan):.3f}, "
         f"CKA {rep.get('cka', nan):.3f}{took}"
     )
 
