@@ -116,7 +116,7 @@ def test_the_saved_checkpoint_reloads_and_the_driver_trains_it(built, tmp_path):
             "--image-dir",
             str(d.image_dir),
             "--method",
-            "pt-lora",
+            "lora",
             "--steps",
             "2",
             "--batch-size",
@@ -127,10 +127,6 @@ def test_the_saved_checkpoint_reloads_and_the_driver_trains_it(built, tmp_path):
             "4",
             "--rank-bootstrap",
             "10",
-            "--rank-pretrain-captions",
-            str(built.pretrain_data.karpathy),
-            "--rank-pretrain-image-dir",
-            str(built.pretrain_data.image_dir),
             "--output-dir",
             str(tmp_path / "run"),
             "--quiet",
@@ -138,5 +134,5 @@ def test_the_saved_checkpoint_reloads_and_the_driver_trains_it(built, tmp_path):
     )
     rep = report["stages"][-1]["representation"]
     # MiniLM is 384 wide: the default 128 positions give a spectrum of 128, steps of 0.78 points.
-    assert rep["spectrum_length"] == 128 and rep["pretrain_distribution"]["spectrum_length"] == 128
+    assert rep["spectrum_length"] == 128 and rep["real_positions"] == 1.0
     assert report["stages"][-1]["trainable_by_kind"]["lora"]["trainable"] > 0
