@@ -187,6 +187,8 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> nn.Module:
     """The checkpoint's own architecture class (so adapter key names match training), else AutoModel."""
     import transformers
 
+    from ..train import minilm  # noqa: F401 - registers the MiniLM preset's model type (its checkpoints load)
+
     config = transformers.AutoConfig.from_pretrained(path)
     cls = next(
         (getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)),
@@ -222,9 +224,17 @@ def variant_loader(base_path: str, path: str, dtype: torch.dtype, device: str) -
 
 
 def format_table(comparison: Comparison) -> str:
-    head = ("model", "layer", "rank ratio %", "deviation", "CKA vs base")
+    head = ("model", "layer", "rank ratio %", "n", "effective rank", "deviation", "CKA vs base")
     body = [
-        (r["model"], str(r["layer"]), f"{r['rank_ratio']:.1f}", f"{r['deviation']:.4f}", f"{r['cka']:.4f}")
+        (
+            r["model"],
+            str(r["layer"]),
+            f"{r['rank_ratio']:.1f}",
+            str(r["spectrum_length"]),
+            f"{r['effective_rank']:.2f}",
+            f"{r['deviation']:.4f}",
+            f"{r['cka']:.4f}",
+        )
         for r in comparison.rows
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
@@ -239,7 +249,8 @@ def write_outputs(comparison: Comparison, output_dir: str) -> list[str]:
     written = []
     csv_path = os.path.join(output_dir, "metrics.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["model", "layer", "rank_ratio", "deviation", "cka"])
+        fields = ["model", "layer", "rank_ratio", "spectrum_length", "effective_rank", "deviation", "cka"]
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(comparison.rows)
     written.append(csv_path)

@@ -10,7 +10,13 @@ from torch import nn
 
 from .cka import cka
 from .features import collect_layers
-from .spectrum import check_threshold, cumulative_spectrum, rank_ratio_from_curve, spectrum_deviation
+from .spectrum import (
+    check_threshold,
+    cumulative_spectrum,
+    effective_rank,
+    rank_ratio_from_curve,
+    spectrum_deviation,
+)
 
 
 @dataclass
@@ -18,7 +24,9 @@ class Comparison:
     """Results of :func:`compare_representations`.
 
     ``rows``: one dict per (model, layer) with keys ``model``, ``layer``, ``rank_ratio`` (percent),
-    ``deviation`` (max gap of cumulative spectra vs base) and ``cka`` (vs base); base rows first.
+    ``spectrum_length`` (n: the ratio moves in steps of 100 / n), ``effective_rank`` (Roy & Vetterli,
+    mean over samples), ``deviation`` (max gap of cumulative spectra vs base) and ``cka`` (vs base);
+    base rows first.
     ``curves[layer][model]``: cumulative spectra. ``ratios[model][layer]``: rank ratios.
     """
 
@@ -85,6 +93,8 @@ def _record(
                 "model": name,
                 "layer": layer,
                 "rank_ratio": ratio,
+                "spectrum_length": int(curve.numel()),
+                "effective_rank": effective_rank(feats[layer]),
                 "deviation": spectrum_deviation(base_curves[layer], curve),
                 "cka": cka(base_feats[layer], feats[layer]),
             }

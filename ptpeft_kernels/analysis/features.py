@@ -1,4 +1,19 @@
-"""Gather per-sample hidden states of a transformers model, without padding positions."""
+"""Gather per-sample hidden states of a transformers model: without padding positions, or a fixed
+number of positions per sample (:func:`pad_to_length`, ``length=`` of :func:`collect_layers`).
+
+Fixed length. The paper's rank ratio moves in steps of 100 / n points with n = min(L, d) for L
+positions per sample; the built-in model's samples have about 23 positions (4.3-point steps).
+Measuring the first ``length`` positions of every sample (128 by default in the driver) makes
+n = min(length, d) the same for every sample and every model. Where a sample is shorter, the
+driver either continues its caption with itself (``--rank-fill repeat``, the default, see
+:func:`ptpeft_kernels.analysis.measures.repeated_text`: every measured position is a real token)
+or pads it (``--rank-fill pad``, :func:`pad_to_length`: pad token, attention mask 0, what a
+tokenizer's ``padding="max_length"`` gives; the padding rows are the model's hidden states at a
+padding token after the sample — for the built-in model's ~23-token samples about 80 % of 128
+rows, whose values every method may change, prefix-tuning also through the prefixes those
+positions attend to). The share of real positions is reported beside every figure
+(``real_positions``).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +43,55 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
         )
     # Shallowest first, so LLaVA's ``model.vision_tower`` wins over anything nested inside it.
     return min(found, key=lambda item: (item[0], item[1]))[2]
+
+
+_PER_TOKEN = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+
+
+def pad_to_length(batch: Mapping[str, object], length: int, pad_token_id: int) -> tuple[dict, list[int]]:
+    """Right-pad a right-padded batch to at least ``length`` positions.
+
+    The per-token tensors of the language model's sequence are padded along their second dimension:
+    ``input_ids`` with ``pad_token_id``, ``labels`` with -100, ``attention_mask``,
+    ``token_type_ids`` and ``mm_token_type_ids`` with 0. Nothing else is touched, whatever its shape
+    (``pixel_values`` of 3 channels in a batch of 3 tokens, or InstructBLIP's ``qformer_input_ids``,
+    a sequence of its own). A batch already ``length`` long or longer is returned unchanged
+    (collection keeps its first ``length`` positions).
+
+    Returns the batch and, per sample, how many of its first ``length`` positions are real tokens
+    (attention mask 1).
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be an int >= 1, got {length!r}")
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError("batch needs a 2-D input_ids tensor to pad to a fixed length")
+    b, seq = ids.shape
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, seq):
+        raise ValueError(f"attention_mask must have the shape of input_ids {(b, seq)}")
+    m = mask.bool()
+    # Right padding: once a row's mask is 0 it stays 0. A left-padded row would put pads first.
+    if (m[:, 1:] & ~m[:, :-1]).any():
+        raise ValueError(
+            "the batch is not right-padded (a padding position precedes a real token); fixed-length "
+            "measurement pads on the right"
+        )
+    real = [min(int(r.sum()), length) for r in m]
+    if seq >= length:
+        return dict(batch), real
+    extra = length - seq
+    out: dict = {}
+    for key, value in batch.items():
+        if key in _PER_TOKEN and isinstance(value, torch.Tensor) and tuple(value.shape) == (b, seq):
+            fill = pad_token_id if key == "input_ids" else (-100 if key == "labels" else 0)
+            pad = value.new_full((b, extra, *value.shape[2:]), fill)
+            value = torch.cat([value, pad], dim=1)
+        out[key] = value
+    if "attention_mask" not in batch:
+        out["attention_mask"] = torch.cat([mask, mask.new_zeros(b, extra)], dim=1)
+    return out, real
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -72,13 +136,20 @@ def collect_layers(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool | str = False,
+    length: int | None = None,
 ) -> dict[int, list[torch.Tensor]]:
     """Hidden states of several layers in one pass: ``{layer: [per-sample (L_i, d) tensors]}``.
 
     Keys are the non-negative indices into the model's hidden-state tuple (0 = embedding output,
-    ``num_hidden_layers`` = last layer); ``layers=None`` takes every one. See
+    ``num_hidden_layers`` = last layer); ``layers=None`` takes every one. ``length``: keep the
+    first ``length`` positions of every sample, padding positions included (pad the batches with
+    :func:`pad_to_length` first); every sample is then ``(length, d)``. See
     :func:`collect_features` for the other arguments.
     """
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ValueError(f"length must be None or an int >= 1, got {length!r}")
+    if length is not None and tower != "language":
+        raise ValueError("length applies to tower='language' (a vision tower has no padding)")
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)):
@@ -108,7 +179,7 @@ def collect_layers(
             for b, batch in enumerate(batches):
                 if max_batches is not None and b >= max_batches:
                     break
-                _collect_batch(model, vision, batch, b, layers, device, out)
+                _collect_batch(model, vision, batch, b, layers, device, out, length)
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -127,6 +198,7 @@ def _collect_batch(
     layers: Sequence[int] | None,
     device: torch.device,
     out: dict[int, list[torch.Tensor]],
+    length: int | None = None,
 ) -> None:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch {index} must be a dict of model inputs, got {type(batch).__name__}")
@@ -148,6 +220,16 @@ def _collect_batch(
         hidden = _language_hidden_states(model(**inputs, output_hidden_states=True))
     norm = list(range(len(hidden))) if layers is None else _normalize_layers(layers, len(hidden))
     states0 = hidden[norm[0]]
+    if length is not None:
+        if states0.shape[1] < length:
+            raise ValueError(
+                f"batch {index} has {states0.shape[1]} positions, fewer than length={length}; pad it with "
+                "pad_to_length first"
+            )
+        for layer in norm:
+            states = hidden[layer][:, :length].detach().cpu()
+            out.setdefault(layer, []).extend(states.unbind(0))
+        return
     if mask is not None:
         if mask.dim() != 2 or tuple(mask.shape) != tuple(states0.shape[:2]):
             raise ValueError(
@@ -172,8 +254,10 @@ def collect_features(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool | str = False,
+    length: int | None = None,
 ) -> list[torch.Tensor]:
-    """Per-sample hidden states of one layer, padding positions removed.
+    """Per-sample hidden states of one layer, padding positions removed (or, with ``length``, the
+    first ``length`` positions of every sample, padding included: see :func:`collect_layers`).
 
     Runs ``model(**batch, output_hidden_states=True)`` in eval mode without gradients over the
     batches (dicts of model inputs; tensor entries other than ``labels`` are passed, others are
@@ -197,5 +281,5 @@ def collect_features(
     """
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
-    by_layer = collect_layers(model, dataloader, [layer], tower, max_batches, device, progress)
+    by_layer = collect_layers(model, dataloader, [layer], tower, max_batches, device, progress, length)
     return next(iter(by_layer.values()))

@@ -19,6 +19,16 @@ for the first m tokens alone. The cost is discarded tokens, so a warning is rais
 truncation drops more than half of all rows; drop very short samples, or batch similar lengths,
 to avoid it.
 
+Resolution. The ratio moves in steps of 100 / n points. The driver and ``reproduce`` therefore
+measure a fixed number of positions per sample (``--rank-length``, 128 by default: see
+:func:`ptpeft_kernels.analysis.features.pad_to_length`), so n = min(128, d) and a step is at most
+one point wherever d >= 100; its continuous companion is the effective rank below.
+
+Effective rank (Roy & Vetterli 2007, "The effective rank: a measure of effective dimensionality"):
+for one matrix with singular values s, p = s / sum(s) and ``erank = exp(-sum_k p_k log p_k)``
+(0 log 0 = 0), a real number in [1, n]: 1 for rank one, n for a flat spectrum. Reported as the
+mean over samples of each sample's effective rank.
+
 All SVDs run in float64 (hidden states of large models arrive in bfloat16 / float32; their tail
 singular values carry the information the ratio is about).
 """
@@ -136,6 +146,43 @@ def cumulative_spectrum(features: Features) -> torch.Tensor:
     """
     curve = normalized_spectra(features).mean(dim=0).cumsum(dim=0)
     return curve
+
+
+def effective_ranks(features: Features | torch.Tensor) -> torch.Tensor:
+    """Per-sample effective rank (Roy & Vetterli 2007): float64 (S,), each in [1, n].
+
+    ``features`` as for :func:`normalized_spectra`, or an already computed (S, n) tensor of
+    normalised spectra (rows summing to 1, as :func:`normalized_spectra` returns).
+    """
+    if isinstance(features, torch.Tensor) and features.dim() == 2:
+        p = _check_spectra("spectra", features)
+    else:
+        p = normalized_spectra(features)
+    # 0 log 0 = 0: xlogy gives exactly that.
+    entropy = -torch.special.xlogy(p, p).sum(dim=1)
+    return entropy.exp()
+
+
+def effective_rank(features: Features) -> float:
+    """Mean over samples of the per-sample effective rank (see :func:`effective_ranks`)."""
+    return float(effective_ranks(features).mean())
+
+
+def _check_spectra(name: str, spectra: torch.Tensor) -> torch.Tensor:
+    if not spectra.is_floating_point() or spectra.dim() != 2 or 0 in spectra.shape:
+        raise ValueError(
+            f"{name} must be a non-empty floating (S, n) tensor of normalised spectra, got "
+            f"{spectra.dtype} {tuple(spectra.shape)}"
+        )
+    p = spectra.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"{name} must hold finite non-negative values")
+    sums = p.sum(dim=1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6):
+        raise ValueError(
+            f"{name}: every row must sum to 1 (normalised spectra), got sums {sums[:4].tolist()}"
+        )
+    return p
 
 
 def rank_ratio_from_curve(curve: torch.Tensor, threshold: float = 0.9) -> float:

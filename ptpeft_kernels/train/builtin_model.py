@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from . import minilm as _minilm  # noqa: F401 - registers the MiniLM preset's model type with transformers
 from . import synthetic
 from .data import Collator, caption_examples, load_captions, load_vqa, model_inputs
 from .models import Family, end_text, write_train_meta
@@ -73,9 +74,16 @@ class BuiltinSpec:
     downstream_val: int = 150
     downstream_test: int = 150
     seed: int = 0
+    # "scratch": the Llama-like decoder above, pre-trained with everything else; "minilm": the
+    # pre-trained MiniLM-L6 (text_* sizes unused), frozen while the vision tower, projector and LM
+    # head are aligned to it (LLaVA's stage 1; see :mod:`.minilm`).
+    language_model: str = "scratch"
 
     def key(self) -> str:
-        blob = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["language_model"] == "scratch":
+            del fields["language_model"]  # the keys of caches built before the field existed stay valid
+        blob = json.dumps({"recipe": RECIPE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -97,6 +105,16 @@ PRESETS: dict[str, BuiltinSpec] = {
         downstream_train=24,
         downstream_val=8,
         downstream_test=8,
+    ),
+    # A language model with real pre-trained weights (MiniLM-L6, 6 layers, width 384), its vision tower
+    # and projector aligned to it on the synthetic pre-training data with the language model frozen.
+    # MINILM_NOTE in the README records what it costs.
+    "minilm": BuiltinSpec(
+        language_model="minilm",
+        pretrain_images=2000,
+        pretrain_steps=300,
+        pretrain_batch=16,
+        pretrain_lr=2e-3,
     ),
 }
 
@@ -192,9 +210,12 @@ def build_config(spec: BuiltinSpec, tokenizer):
 
 
 def build_model(spec: BuiltinSpec, seed: int | None = None):
-    """A randomly initialised built-in model and its processor (deterministic in ``seed``)."""
+    """A built-in model and its processor (deterministic in ``seed``): randomly initialised, except
+    for the MiniLM preset's language model, which holds the pre-trained weights."""
     from transformers import LlavaForConditionalGeneration
 
+    if spec.language_model == "minilm":
+        return _build_minilm(spec, seed)
     processor = build_processor(spec)
     config = build_config(spec, processor.tokenizer)
     with _seeded(spec.seed if seed is None else seed):
@@ -203,6 +224,36 @@ def build_model(spec: BuiltinSpec, seed: int | None = None):
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
     return model, processor
+
+
+def _build_minilm(spec: BuiltinSpec, seed: int | None):
+    from transformers import LlavaForConditionalGeneration
+
+    from . import minilm
+
+    tokenizer = minilm.build_tokenizer(synthetic.vocabulary())
+    processor = build_processor(spec, tokenizer)
+    bert_config, state, rows = minilm.pretrained_rows(tokenizer)
+    config = build_config(spec, tokenizer)
+    config.text_config = minilm.decoder_config(bert_config, len(tokenizer), tokenizer)
+    config.tie_word_embeddings = False
+    with _seeded(spec.seed if seed is None else seed):
+        model = LlavaForConditionalGeneration(config)
+    minilm.load_pretrained_language_model(model, rows, state)
+    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, k, getattr(tokenizer, k))
+    return model, processor
+
+
+def trainable_in_pretraining(model, spec: BuiltinSpec) -> list[torch.nn.Parameter]:
+    """What pre-training trains: everything (from scratch), or for MiniLM everything but the language
+    model (vision tower, projector, LM head: LLaVA's stage-1 alignment; the LM stays frozen)."""
+    if spec.language_model != "minilm":
+        return list(model.parameters())
+    frozen = {id(p) for p in model.model.language_model.parameters()}
+    for p in model.model.language_model.parameters():
+        p.requires_grad_(False)
+    return [p for p in model.parameters() if id(p) not in frozen]
 
 
 @contextlib.contextmanager
@@ -260,7 +311,8 @@ def pretrain(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(spec.seed),
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    params = trainable_in_pretraining(model, spec)
+    opt = torch.optim.AdamW(params, lr=spec.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, spec.pretrain_steps // 20)
     losses = []
     model.train()
@@ -278,7 +330,7 @@ def pretrain(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"built-in pre-training: loss is {loss.item()} at step {step}")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -287,6 +339,8 @@ def pretrain(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
     model.eval()
+    for p in model.parameters():  # a saved model carries no frozen flags; the driver sets its own
+        p.requires_grad_(True)
     return losses
 
 
@@ -310,6 +364,9 @@ class BuiltinAssets:
         return {
             "image_dir": str(d.image_dir),
             "karpathy": str(d.karpathy),
+            # The pre-training distribution, where the representation measures are also taken.
+            "pretrain_karpathy": str(self.pretrain_data.karpathy),
+            "pretrain_image_dir": str(self.pretrain_data.image_dir),
             **{f"{s}_questions": str(f.questions) for s, f in d.splits.items()},
             **{f"{s}_annotations": str(f.annotations) for s, f in d.splits.items()},
             **{f"{s}_captions": str(f.captions) for s, f in d.splits.items()},

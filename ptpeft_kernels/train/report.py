@@ -124,7 +124,7 @@ def format_table(report: dict[str, Any]) -> str:
         for k in r.get("scores") or {}:
             if k not in metric_names:
                 metric_names.append(k)
-    header = ["stage", "trainable", *metric_names, "rank %", "CKA", "time s", "peak MB"]
+    header = ["stage", "trainable", *metric_names, "rank %", "eff. rank", "CKA", "time s", "peak MB"]
     lines = []
     for r in rows:
         scores = r.get("scores") or {}
@@ -135,6 +135,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "-",
                 *[_fmt(scores.get(m)) for m in metric_names],
                 _fmt(rank.get("rank_ratio"), ".1f"),
+                _fmt(rank.get("effective_rank"), ".1f"),
                 _fmt(rank.get("cka"), ".3f"),
                 _fmt(r.get("wall_time_s"), ".1f"),
                 _fmt(r.get("peak_memory_mb"), ".0f"),
@@ -155,4 +156,10 @@ def format_table(report: dict[str, Any]) -> str:
             )
         )
     title = f"{report.get('method')} on {report.get('task')} ({report.get('model')})"
-    return title + "\n" + "\n".join(out)
+    n = (report.get("pretrained", {}).get("representation") or {}).get("spectrum_length")
+    foot = (
+        f"\nrank ratio over a spectrum of n = {n} singular values (steps of {100 / n:.2f} points)"
+        if n
+        else ""
+    )
+    return title + "\n" + "\n".join(out) + foot

@@ -51,6 +51,8 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
         _quiet_libraries()
     # Forked DataLoader workers and the tokenizer's own thread pool do not mix.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A caller that set up the process group itself (reproduce under torchrun, several runs) keeps it.
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist = D.setup(cfg.device)
     if dist.device.type == "cpu":
         threads = cfg.threads or (1 if cfg.model is None else 0)
@@ -59,7 +61,8 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         return _run(cfg, run_dir, dist, resuming=bool(args.resume))
     finally:
-        D.teardown()
+        if owns_group:
+            D.teardown()
 
 
 def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dict[str, Any]:

@@ -41,6 +41,10 @@ def test_compare_in_memory_models_with_a_generator_of_batches():
     assert rows["same", 2]["deviation"] == 0.0 and rows["same", 2]["cka"] == pytest.approx(1.0, abs=1e-12)
     assert rows["changed", 1]["deviation"] > 1e-3 and rows["changed", 1]["cka"] < 0.999
     assert result.ratios["changed"][1] == rows["changed", 1]["rank_ratio"]
+    # The continuous companion and the resolution beside every ratio.
+    for (name, layer), row in rows.items():
+        assert row["spectrum_length"] == result.curves[layer][name].numel()
+        assert 1.0 <= row["effective_rank"] <= row["spectrum_length"]
     assert result.curves[2]["base"].shape == (10,)
     with pytest.raises(ValueError, match="clashes"):
         compare_representations(base, {"base": changed}, data)

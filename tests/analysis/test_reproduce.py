@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ptpeft_kernels.analysis import reproduction as R
 from ptpeft_kernels.reproduce import build_parser, main, reproduce
 
 # A few steps of the tiny built-in model with a handful of evaluation samples: seconds per run.
-TINY_TRAIN = ["--batch-size", "4", "--eval-batch-size", "8", "--max-new-tokens", "4", "--rank-samples", "4"]
+TINY_TRAIN = [
+    "--batch-size",
+    "4",
+    "--eval-batch-size",
+    "8",
+    "--max-new-tokens",
+    "4",
+    "--rank-samples",
+    "4",
+    "--rank-bootstrap",
+    "40",
+    "--rank-length",
+    "24",
+]
 METHODS = ["lora", "pt-lora"]
 SEEDS = 2
 
@@ -64,10 +79,13 @@ def _reports(out: Path) -> dict[tuple[str, int], dict]:
     }
 
 
-def _last(report: dict) -> tuple[float, float, float, float]:
+KEYS = ("CIDEr", "rank_ratio", "effective_rank", "deviation", "cka")
+
+
+def _last(report: dict) -> tuple[float, ...]:
     st = report["stages"][-1]
     rep = st["representation"]
-    return st["scores"]["CIDEr"], rep["rank_ratio"], rep["deviation"], rep["cka"]
+    return (st["scores"]["CIDEr"], *(rep[k] for k in KEYS[1:]))
 
 
 def _fmt(values: list[float], spec: str) -> str:
@@ -79,7 +97,7 @@ def _fmt(values: list[float], spec: str) -> str:
 def test_tiny_reproduction_writes_tables_equal_to_the_run_reports(tiny_run):
     out, result = tiny_run
     assert result["trained"] == len(METHODS) * SEEDS and result["reused"] == 0
-    for name in ("reproduce.md", "reproduce.csv", "reproduce_runs.csv"):
+    for name in ("reproduce.md", "reproduce.csv", "reproduce_runs.csv", "reproduce.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "reproduce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reports = _reports(out)
@@ -93,8 +111,10 @@ def test_tiny_reproduction_writes_tables_equal_to_the_run_reports(tiny_run):
     assert [(r["method"], int(r["seed"])) for r in rows] == list(reports)
     for r in rows:
         want = _last(reports[(r["method"], int(r["seed"]))])
-        got = tuple(float(r[k]) for k in ("CIDEr", "rank_ratio", "deviation", "cka"))
+        got = tuple(float(r[k]) for k in KEYS)
         assert got == want
+        pre = reports[(r["method"], int(r["seed"]))]["stages"][-1]["representation"]["pretrain_distribution"]
+        assert float(r["pretrain_rank_ratio"]) == pre["rank_ratio"]
 
     # One row per method: means and standard deviations over the seeds' reports.
     with open(out / "reproduce.csv") as fh:
@@ -108,25 +128,42 @@ def test_tiny_reproduction_writes_tables_equal_to_the_run_reports(tiny_run):
     md = (out / "reproduce.md").read_text()
     for m in METHODS:
         per_seed = [_last(reports[(m, s)]) for s in range(SEEDS)]
-        for i, key in enumerate(("CIDEr", "rank_ratio", "deviation", "cka")):
+        for i, key in enumerate(KEYS):
             vals = [v[i] for v in per_seed]
             assert float(agg[m][f"{key}_mean"]) == pytest.approx(statistics.fmean(vals), abs=1e-12)
             assert float(agg[m][f"{key}_std"]) == pytest.approx(statistics.stdev(vals), abs=1e-12)
+        # The interval of the seed mean: percentiles of the replicates averaged over seeds.
+        boots = [
+            load_file(
+                str(
+                    out
+                    / "runs"
+                    / f"{m}-seed{s}"
+                    / f"bootstrap-{reports[(m, s)]['stages'][-1]['name']}.safetensors"
+                )
+            )
+            for s in range(SEEDS)
+        ]
+        for key in KEYS[1:]:
+            mean_reps = sum(b[f"downstream/{key}"].double() for b in boots) / SEEDS
+            lo, hi = torch.quantile(mean_reps, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+            assert float(agg[m][f"{key}_ci_low"]) == pytest.approx(lo, abs=1e-12)
+            assert float(agg[m][f"{key}_ci_high"]) == pytest.approx(hi, abs=1e-12)
         assert int(agg[m]["trainable_params"]) == reports[(m, 0)]["stages"][-1]["trainable_params"]
         # The markdown row shows the same statistics, formatted.
-        cells = [
-            _fmt([v[0] for v in per_seed], ".1f"),
-            _fmt([v[1] for v in per_seed], ".1f"),
-            _fmt([v[2] for v in per_seed], ".3f"),
-            _fmt([v[3] for v in per_seed], ".3f"),
-        ]
         row = next(line for line in md.splitlines() if line.startswith(f"| {m} |"))
-        assert " | ".join(cells) in row, (row, cells)
+        rr = agg[m]
+        cell = f"{_fmt([v[1] for v in per_seed], '.1f')} [{float(rr['rank_ratio_ci_low']):.1f}, "
+        cell += f"{float(rr['rank_ratio_ci_high']):.1f}]"
+        assert f"| {_fmt([v[0] for v in per_seed], '.1f')} | {cell} |" in row, (row, cell)
     pre = [r["pretrained"]["representation"]["rank_ratio"] for r in reports.values()]
     assert float(agg["pretrained"]["rank_ratio_mean"]) == pytest.approx(statistics.fmean(pre), abs=1e-12)
     # The paper's numbers side by side, the verdicts, the plot link.
     assert "| lora | 52.0 | -16.2 |" in md and "| pre-trained | 68.2 | +0.0 |" in md
     assert "(a) weight-modifying" in md and "(c) pt-*" in md and "![" in md and "reproduce.png" in md
+    # The spectrum length and the resolution are printed with the tables; both distributions reported.
+    assert "rank ratio % (n = 24)" in md and "steps of 100 / 24 = 4.17 points" in md
+    assert "## Results on the pre-training distribution samples" in md
 
 
 def test_rerun_reuses_finished_runs_and_continues_unfinished_ones(tiny_run, tiny_cache, capsys):
@@ -185,36 +222,39 @@ def test_help_explains_every_option():
 # ----------------------------------------------------------------------------------- verdicts
 
 
-def _fake(method: str, seed: int, score: float, rank: float, dev: float, cka: float) -> R.RunResult:
+def _fake(
+    method: str, seed: int, score: float, rank: float, dev: float, cka: float, width: float
+) -> R.RunResult:
+    """A finished run whose measures carry intervals of half-width ``width`` (relative for rank,
+    effective rank = rank / 10); the pre-trained model: rank ratio 60, effective rank 6."""
     curve = [0.5, 0.8, 1.0]
+
+    def rep(r: float, d: float, c: float) -> dict:
+        vals = {"rank_ratio": r, "effective_rank": r / 10, "deviation": d, "cka": c}
+        ci = {k: [v - width * max(abs(v), 0.01), v + width * max(abs(v), 0.01)] for k, v in vals.items()}
+        return {**vals, "spectrum": curve, "spectrum_length": 3, "ci": ci}
+
     report = {
         "task": "caption",
         "primary_metric": "CIDEr",
         "complete": True,
         "global_steps": 10,
         "total_time_s": 5.0,
-        "pretrained": {
-            "scores": {"CIDEr": 30.0},
-            "representation": {"rank_ratio": 60.0, "deviation": 0.0, "cka": 1.0, "spectrum": curve},
-        },
+        "pretrained": {"scores": {"CIDEr": 30.0}, "representation": rep(60.0, 0.0, 1.0)},
         "stages": [
             {
                 "trainable_params": 100,
                 "train_time_s": 4.0,
                 "scores": {"CIDEr": score},
-                "representation": {"rank_ratio": rank, "deviation": dev, "cka": cka, "spectrum": curve},
+                "representation": rep(rank, dev, cka),
             }
         ],
     }
     return R.RunResult(method, seed, f"/runs/{method}-seed{seed}", report)
 
 
-def _summary(table: dict[str, tuple[float, float, float, float]]) -> R.Reproduction:
-    runs = []
-    for m, (score, rank, dev, cka) in table.items():
-        for seed, jitter in enumerate((-0.001, 0.001)):
-            runs.append(_fake(m, seed, score + jitter, rank, dev + jitter / 10, cka))
-    return R.summarize(runs)
+def _summary(table: dict[str, tuple[float, float, float, float]], width: float = 0.001) -> R.Reproduction:
+    return R.summarize([_fake(m, 0, *vals, width) for m, vals in table.items()])
 
 
 PAPER_LIKE = {
@@ -225,33 +265,62 @@ PAPER_LIKE = {
 }
 
 
-def test_verdicts_agree_when_the_numbers_follow_the_paper():
+def test_verdicts_agree_when_the_numbers_follow_the_paper_beyond_the_intervals():
     vs = R.verdicts(_summary(PAPER_LIKE))
     assert [v.status for v in vs] == ["agrees", "agrees", "agrees"]
     assert R.overall(vs).startswith("The small-scale result agrees with every tested claim")
+    # (b): prefix's rank ratio is judged the same as the pre-trained model's because the intervals overlap.
+    assert any(
+        d.startswith("rank ratio unchanged: prefix 60.0 [59.9, 60.1] vs pre-trained") for d in vs[1].details
+    )
 
 
 def test_verdicts_disagree_when_the_numbers_contradict_the_paper():
     contrary = {
         "prefix": (80.0, 45.0, 0.200, 0.50),  # prefix collapses the space the most
-        "lora": (100.0, 60.0, 0.010, 0.95),
-        "full": (105.0, 60.0, 0.020, 0.90),
+        "lora": (100.0, 65.0, 0.010, 0.95),
+        "full": (105.0, 65.0, 0.020, 0.90),
         "pt-lora": (50.0, 45.0, 0.300, 0.40),  # far from the best score, further from pre-trained
     }
     vs = R.verdicts(_summary(contrary))
     assert [v.status for v in vs] == ["disagrees", "disagrees", "disagrees"]
 
 
+def test_overlapping_intervals_are_within_noise_not_agreement():
+    # PAPER_LIKE's ordering with every interval +-30 %: the rank gaps are inside it, the deviation gaps not.
+    vs = R.verdicts(_summary(PAPER_LIKE, width=0.3))
+    assert vs[0].outcomes == ["within noise"] * 4 + ["yes"] + ["within noise"] * 4 + ["yes"]
+    assert vs[0].status == "partly" and "the bootstrap intervals overlap" in vs[0].details[0]
+    # (b): "unchanged" is judged yes exactly because prefix and pre-trained cannot be told apart.
+    assert vs[1].status == "agrees"
+    assert vs[2].outcomes == ["yes", "yes", "within noise"]  # close to the best; deviation; CKA
+    close = {
+        "prefix": (80.0, 60.0, 0.050, 0.95),
+        "lora": (100.0, 55.0, 0.060, 0.9),
+        "full": (101.0, 56.0, 0.055, 0.9),
+    }
+    vs = R.verdicts(_summary(close, width=0.3))
+    assert vs[0].status == "within noise" and set(vs[0].outcomes) == {"within noise"}
+    assert R.overall(vs[:1]).startswith("The small-scale result cannot tell any tested claim")
+
+
+def test_seed_spread_also_counts_as_noise():
+    runs = []
+    for seed, jitter in enumerate((-8.0, 8.0)):
+        for m, (score, rank, dev, cka) in PAPER_LIKE.items():
+            runs.append(_fake(m, seed, score, rank + (jitter if m == "lora" else 0.0), dev, cka, 0.001))
+    rep = R.summarize(runs)
+    lora = rep.methods["lora"].rank_ratio
+    # No replicate files here, several seeds: no interval, the seed spread decides.
+    assert lora.ci is None and lora.std == pytest.approx(math.sqrt(128))  # > the gap of 10
+    outcome, text = R._judge("lora", lora, "prefix", rep.methods["prefix"].rank_ratio, ".1f", "lower")
+    assert outcome == "within noise" and "seed spread" in text
+
+
 def test_verdicts_report_partial_agreement_and_untested_claims():
     mixed = dict(PAPER_LIKE, lora=(100.0, 60.0, 0.080, 0.70))  # lora keeps the rank ratio, moves the spectrum
     vs = R.verdicts(_summary(mixed))
-    assert vs[0].status == "partly" and any("lora 60.0 vs prefix 60.0: no" in d for d in vs[0].details)
-    # Every method raises the rank ratio, the weight-modifying ones less than prefix: not "lowered".
-    raised = dict(PAPER_LIKE, prefix=(80.0, 70.0, 0.010, 0.95), lora=(100.0, 65.0, 0.080, 0.7))
-    raised["full"] = (105.0, 65.0, 0.100, 0.60)
-    vs = R.verdicts(_summary(raised))
-    assert vs[0].status == "partly"  # only the spectrum-deviation half holds
-    assert any(d.startswith("rank ratio lowered: lora 65.0 vs pre-trained 60.0: no") for d in vs[0].details)
+    assert vs[0].status == "partly" and any("lora 60.0 [59.9, 60.1] vs prefix" in d for d in vs[0].details)
     only = R.verdicts(_summary({"lora": PAPER_LIKE["lora"], "full": PAPER_LIKE["full"]}))
     assert [v.status for v in only] == ["not tested"] * 3
 
@@ -262,3 +331,29 @@ def test_rank_ordering_and_paper_table():
     rows = {r[0]: r for r in R.paper_rows(rep)}
     assert rows["full"][1:3] == ["47.0", "-21.2"] and rows["full"][4] == "-15.0"
     assert rows["pt-lora"][1] == "not quoted"
+
+
+def test_under_torchrun_every_run_is_one_distributed_training(tiny_run, tiny_cache, tmp_path):
+    """Two processes run the same runs together (one process group for all of them); rank 0 writes
+    the tables, and each run equals its single-process counterpart of the module's reproduction."""
+    import os
+    import subprocess
+    import sys
+
+    out, _ = tiny_run
+    argv = _argv(tmp_path / "ddp", tiny_cache)
+    argv[argv.index("--methods") + 1 : argv.index("--seeds")] = ["lora"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, "-m", "ptpeft_kernels.reproduce", *argv], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wall time") == 1  # rank 0 alone prints the result
+    for m, seed in (("lora", 0), ("lora", 1)):
+        ddp = json.loads((tmp_path / "ddp" / "runs" / f"{m}-seed{seed}" / "report.json").read_text())
+        ref = _reports(out)[(m, seed)]
+        assert ddp["world_size"] == 2 and ddp["complete"]
+        # Same global batch, same run (the driver's DDP guarantee) up to the all-reduce's round-off.
+        assert _last(ddp) == pytest.approx(_last(ref), rel=1e-4, abs=1e-4)
+    assert "torchrun --nproc_per_node=2" in (tmp_path / "ddp" / "reproduce.md").read_text()
