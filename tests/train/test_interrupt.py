@@ -1,0 +1,89 @@
+"""SIGINT / SIGTERM: the run finishes its step, writes a checkpoint, says how to resume and
+exits 130 / 143; resumed, it ends as an uninterrupted run does. Real signals to a real
+process (Ctrl-C reaches the terminal's whole process group, DataLoader workers included)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ptpeft_kernels.train.run import train
+
+from .conftest import REPO, TINY
+
+STEPS = 60
+# Not --quiet: the progress output is checked too (stderr is a pipe here, as in a log file).
+ARGS = [a for a in TINY if a != "--quiet"] + [
+    "--method",
+    "lora",
+    "--steps",
+    str(STEPS),
+    "--save-every",
+    "0",
+    "--log-every",
+    "1",
+    "--rank-samples",
+    "0",
+    "--lora-dropout",
+    "0.1",
+]
+
+
+def _train_losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["global_step"]: r["loss"] for r in rows if r["type"] == "train"}
+
+
+def _interrupt(run_dir, signum, to_group):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ptpeft_kernels.train", *ARGS, "--output-dir", str(run_dir)]
+    # Bytes, not text=True: universal newlines would turn a bar's carriage returns into newlines.
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, **pipes)
+    deadline = time.monotonic() + 180
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and '"type": "train"' in metrics.read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:].decode()
+        assert time.monotonic() < deadline, "the run logged no training step in time"
+        time.sleep(0.02)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_assets):
+    out = tmp_path_factory.mktemp("plain") / "run"
+    train([*ARGS, "--quiet", "--output-dir", str(out)])
+    return _train_losses(out)
+
+
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_signal_checkpoints_the_finished_step_and_resumes(
+    tmp_path, tiny_assets, uninterrupted, signum, to_group
+):
+    run = tmp_path / "run"
+    rc, out, err = _interrupt(run, signum, to_group)
+    assert rc == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and "\r" not in err, err[-3000:]
+    name = signal.Signals(signum).name
+    assert f"interrupted by {name}" in err and f"--resume {run}" in err, err[-3000:]
+    # No finished step is lost: the checkpoint is the last logged step.
+    logged = _train_losses(run)
+    last = max(logged)
+    assert last < STEPS and (run / "checkpoints" / "latest").read_text().strip() == f"step-{last:07d}"
+    # One plain progress line per interval, not a redrawn bar.
+    assert "evaluating: 1/1 (100%)" in err and f"lora: {last}/{STEPS}" in err, err[-3000:]
+    report = train(["--resume", str(run), "--quiet"])
+    assert report["complete"] and report["global_steps"] == STEPS
+    resumed = _train_losses(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), f"step {step}"
