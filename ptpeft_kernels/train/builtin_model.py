@@ -251,6 +251,17 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@contextlib.contextmanager
+def _stop_on_lost_workers() -> Iterator[None]:
+    """A SIGTERM to the whole process group also ends the DataLoader's workers; the loader then
+    raises a RuntimeError here, which is the requested stop (nothing to save: not yet cached)."""
+    try:
+        yield
+    except RuntimeError:
+        interrupt.check("while pre-training the built-in model (it is cached only when complete)")
+        raise
+
+
 def pretrain(
     model,
     processor,
@@ -286,7 +297,7 @@ def pretrain(
         collate_fn=lambda idx: collate([examples[i] for i in idx]),
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(spec.seed),
-        worker_init_fn=interrupt.ignore_in_worker,
+        worker_init_fn=interrupt.init_worker,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, spec.pretrain_steps // 20)
@@ -295,7 +306,7 @@ def pretrain(
     threads = torch.get_num_threads()
     torch.set_num_threads(PRETRAIN_THREADS)
     try:
-        with _seeded(spec.seed):
+        with _seeded(spec.seed), _stop_on_lost_workers():
             bar = progress(total=spec.pretrain_steps, desc="pre-training the built-in model", disable=quiet)
             for step, batch in enumerate(loader):
                 interrupt.check("while pre-training the built-in model (it is cached only when complete)")

@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16", "float16"),
-        help="dtype the model weights are loaded in (added parameters stay float32)",
+        help="dtype the model weights are loaded in (added parameters stay float32; float16 needs a GPU)",
     )
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast on the GPU (ignored on the CPU)")
     g.add_argument(
@@ -575,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="torch CPU threads (0: auto = 1 for the built-in model on the CPU: its matrices are small, and "
         "two threads slow down badly when other processes share the cores; --threads 2 is about 1.5x faster "
-        "on an idle two-core machine. Otherwise torch's default)",
+        "on an idle two-core machine. Otherwise torch's default). The built-in model's pre-training always "
+        "runs at 1: the thread count changes its weights",
     )
     g.add_argument(
         "--save-every",
@@ -587,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bars or per-stage messages (the final table and errors still print)",
+        help="no progress output or per-stage messages (the final table and errors still print). "
+        "Where stderr is not a terminal, progress is one plain line per tenth of a loop or per 30 s",
     )
     g.add_argument(
         "--fail-at-step",

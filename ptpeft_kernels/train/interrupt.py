@@ -8,10 +8,11 @@ a message saying how to resume and the exit status a shell expects from that sig
 model, checking images, evaluating) call :func:`check` and stop at once. A second signal
 restores the default behaviour, so pressing Ctrl-C twice stops immediately.
 
-DataLoader worker processes ignore both signals (:func:`ignore_in_worker`): a Ctrl-C
-reaches the terminal's whole process group, and a worker that died of it would turn the
-orderly stop into "DataLoader worker exited unexpectedly"; the workers are shut down by
-their loader as usual.
+DataLoader worker processes ignore SIGINT and exit quietly on SIGTERM (:func:`init_worker`):
+a Ctrl-C reaches the terminal's whole process group, and a worker that died of it would
+turn the orderly stop into "DataLoader worker exited unexpectedly". Where a worker is gone
+all the same (a SIGTERM to the whole group) while the main process waits for its batch,
+the loop stops at the last finished step.
 """
 
 from __future__ import annotations
@@ -87,7 +88,15 @@ def handle_signals() -> Iterator[None]:
         _requested = None
 
 
-def ignore_in_worker(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of DataLoaders: the main process decides when its workers stop."""
-    for s in _SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+def _quiet_exit(signum: int, frame: object) -> None:
+    os._exit(0)
+
+
+def init_worker(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of DataLoaders. SIGINT (a Ctrl-C reaches the whole process group) is
+    ignored: the main process decides when to stop. SIGTERM ends the worker with status 0: the
+    loader's own shutdown terminates workers with it (so it must not be ignored: the join would
+    wait forever), and a status 0 keeps a SIGTERM sent to the whole group from raising "worker
+    killed by signal" in the middle of the main process's step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _quiet_exit)

@@ -230,15 +230,24 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
             collate_fn=self.gen_collator,
             num_workers=self.cfg.num_workers,
-            worker_init_fn=interrupt.ignore_in_worker,
+            worker_init_fn=interrupt.init_worker,
         )
         tok = getattr(self.processor, "tokenizer", self.processor)
         preds: dict[Any, str] = {}
         bar = progress(loader, desc="evaluating", disable=not self.show, leave=False)
-        for batch in bar:
+        batches = iter(bar)
+        while True:
             # Under torchrun the ranks stop together at the next training step instead: one rank
             # leaving the evaluation alone would leave the others waiting in the gather below.
             if not self.dist.enabled:
+                interrupt.check("during an evaluation")
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError:  # its workers ended by a SIGTERM to the process group
+                if self.dist.enabled or interrupt.requested() is None:
+                    raise
                 interrupt.check("during an evaluation")
             inputs = model_inputs(batch, self.dist.device)
             with self._autocast():
@@ -555,11 +564,33 @@ class Trainer:
             num_workers=cfg.num_workers,
             collate_fn=lambda x: x,
             generator=torch.Generator().manual_seed(cfg.seed),
-            worker_init_fn=interrupt.ignore_in_worker,
+            worker_init_fn=interrupt.init_worker,
         )
         bar = progress(total=steps, initial=first, desc=stage.name, disable=not self.show)
         window: list[float] = list(state.get("log_window", []))
-        for step, micro in zip(range(first, steps), loader, strict=False):
+        batches = iter(loader)
+
+        def stop(signum: int, finished: str, save: bool) -> interrupt.Interrupted:
+            bar.close()
+            if save:
+                state["stage_elapsed_s"] = time.perf_counter() - t_stage
+                state["elapsed_s"] = elapsed_before + time.perf_counter() - t_session
+                self._save(state["global_step"], opt, sched, state)
+            return self._interrupted(signum, finished)
+
+        for step in range(first, steps):
+            try:
+                micro = next(batches)
+            except RuntimeError:
+                # A SIGTERM to the whole process group ends the loader's workers too; waiting for a
+                # batch, this process learns it here, between two steps. Single process only: under
+                # torchrun the ranks must agree on the step (see _stop_requested).
+                signum = interrupt.requested()
+                if signum is None or dist.enabled:
+                    raise
+                # A step of this stage finished in this session: save it; else the latest checkpoint
+                # is this very point (end of the previous stage, or the one resumed from).
+                raise stop(signum, f"after global step {state['global_step']}", save=step > first) from None
             gstep = state["global_step"] + 1
             n_local = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
             n_total = int(D.all_sum(torch.tensor([n_local], dtype=torch.float64), dist).item())
@@ -640,18 +671,13 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
             signum = self._stop_requested()
             if signum is not None:
-                bar.close()
-                if not saved:
-                    state["stage_elapsed_s"] = time.perf_counter() - t_stage
-                    state["elapsed_s"] = elapsed_before + time.perf_counter() - t_session
-                    self._save(gstep, opt, sched, state)
-                raise self._interrupted(
-                    signum, f"finished global step {gstep} (stage {stage.name}, step {step + 1})"
+                raise stop(
+                    signum, f"finished global step {gstep} (stage {stage.name}, step {step + 1})", not saved
                 )
         bar.close()
         # The DDP wrapper (and its gradient hooks) must not outlive its stage: the next stage wraps
         # the model again with another set of trainable parameters.
-        del ddp, loader
+        del ddp, loader, batches
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()

@@ -16,7 +16,7 @@ from ptpeft_kernels.train.config import parse_args, resolve
 from ptpeft_kernels.train.data import UnreadableImageError, load_image
 from ptpeft_kernels.train.loop import NonFiniteLossError
 from ptpeft_kernels.train.models import MissingDependencyError, load_processor
-from ptpeft_kernels.train.run import train
+from ptpeft_kernels.train.run import main, train
 from ptpeft_kernels.train.rundata import load_run_data
 
 from .conftest import TINY
@@ -340,7 +340,7 @@ def test_bad_output_dir_and_fp16_on_the_cpu_stop_before_any_work(tmp_path, tiny_
     assert not (tmp_path / "fp16").exists()
 
 
-def test_qwen2_vl_processor_without_torchvision_says_what_to_install(tmp_path):
+def test_qwen2_vl_processor_without_torchvision_says_what_to_install(tmp_path, capsys):
     import importlib.util
 
     from .tiny_families import build_qwen2_vl
@@ -357,6 +357,10 @@ def test_qwen2_vl_processor_without_torchvision_says_what_to_install(tmp_path):
         return
     with pytest.raises(MissingDependencyError, match=r"needs torchvision.*pip install torchvision"):
         load_processor(path)
+    # The command line: exit status 2 and the message, no traceback.
+    argv = ["--model", str(path), "--steps", "1", "--captions", "c.json", "--image-dir", str(tmp_path)]
+    assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 2
+    assert "needs torchvision" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- built-in model
