@@ -15,7 +15,7 @@ from ptpeft_kernels.train.run import train
 
 from .conftest import REPO, TINY
 
-STEPS = 60
+STEPS = 30
 # Not --quiet: the progress output is checked too (stderr is a pipe here, as in a log file).
 ARGS = [a for a in TINY if a != "--quiet"] + [
     "--method",
@@ -84,3 +84,33 @@ def test_signal_checkpoints_the_finished_step_and_resumes(tmp_path, uninterrupte
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_a_stop_between_training_and_evaluation_keeps_the_stage(tmp_path, tiny_assets, monkeypatch):
+    """A signal after a stage's last step (here: while its outputs are saved, just before its
+    evaluation): the checkpoint holds the finished stage; the resumed run only evaluates it and
+    ends with the scores of an uninterrupted run."""
+    from ptpeft_kernels.train import interrupt
+    from ptpeft_kernels.train.loop import Trainer
+
+    args = [*TINY, "--method", "pt-lora", "--steps", "4", "--rank-samples", "2", "--save-every", "0"]
+    plain = train([*args, "--output-dir", str(tmp_path / "plain")])
+    save_output = Trainer._save_stage_output
+
+    def signal_arrives(self, stage):
+        save_output(self, stage)
+        if stage.name == "stage1-prefix":
+            interrupt._requested = signal.SIGTERM
+
+    monkeypatch.setattr(Trainer, "_save_stage_output", signal_arrives)
+    run = tmp_path / "run"
+    with pytest.raises(interrupt.Interrupted, match="stage stage1-prefix had finished training") as e:
+        train([*args, "--output-dir", str(run)])
+    assert e.value.exit_code == 143
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    monkeypatch.undo()
+    report = train(["--resume", str(run), "--quiet"])
+    assert report["complete"] and [s["steps"] for s in report["stages"]] == [2, 2]
+    for got, want in zip(report["stages"], plain["stages"], strict=True):
+        assert got["scores"] == pytest.approx(want["scores"], rel=1e-6)
+        assert got["representation"]["cka"] == pytest.approx(want["representation"]["cka"], abs=1e-5)
