@@ -236,6 +236,37 @@ def test_unreadable_images_stop_the_run_before_any_work_naming_every_file(tmp_pa
     assert not (tmp_path / "a").exists()
 
 
+def test_an_image_that_breaks_after_the_check_names_the_file(tmp_path, data_copy, monkeypatch):
+    """The read fails in a DataLoader worker: the error names the file. The worker must still
+    end when its loader (or the interpreter's exit) terminates it with SIGTERM: a worker that
+    ignored SIGTERM hung the process at exit."""
+    import multiprocessing
+
+    from ptpeft_kernels.train import rundata
+
+    _, test_img = _break_images(data_copy)
+    monkeypatch.setattr(rundata, "check_images", lambda paths, show: {})  # as if it broke just after
+    args = [
+        *TINY,
+        "--captions",
+        str(data_copy / "dataset_coco.json"),
+        "--image-dir",
+        str(data_copy / "images"),
+    ]
+    with pytest.raises(UnreadableImageError, match=rf"cannot read image {test_img}"):
+        train([*args, "--steps", "1", "--num-workers", "1", "--output-dir", str(tmp_path / "run")])
+    left = multiprocessing.active_children()
+    try:
+        for worker in left:
+            worker.terminate()
+            worker.join(timeout=20)
+        assert not [w for w in left if w.is_alive()], "a DataLoader worker survived SIGTERM"
+    finally:
+        for worker in left:
+            if worker.is_alive():
+                worker.kill()
+
+
 def test_resume_from_elsewhere_after_an_image_broke(tmp_path, data_copy, monkeypatch):
     """Relative paths typed in one directory; resumed from another. An image that broke in
     between stops the resume before any training; --skip-missing gets past it; a budget change
