@@ -1,5 +1,7 @@
 """Bottleneck adapter: our fused op against the unfused module (Linear, activation, Linear, residual add).
 
+Before timing, each provider's output is checked against the float64 reference.
+
 Example: python benchmarks/adapter.py --tokens 8192 --width 4096 --bottleneck 64
 """
 
@@ -19,7 +21,7 @@ from torch import nn
 import ptpeft_kernels as pk
 from benchmarks.common import (
     append_csv,
-    assert_same_function,
+    check_provider,
     common_args,
     measure,
     modes_for,
@@ -61,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(*args.tokens, args.width, device=device, dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        assert_same_function(ours(x), reference(x))
 
     providers = {}
     for backend in pk.available_backends():
@@ -81,6 +81,20 @@ def main(argv: list[str] | None = None) -> None:
                 [x, *ours.parameters()],
             )
     providers["unfused"] = (lambda: reference(x), [x, *reference.parameters()])
+    with torch.no_grad():
+        weights = (ours.down.weight, ours.down.bias, ours.up.weight, ours.up.bias)
+        refs = [
+            pk.adapter_ref(
+                x.to(ref_dtype),
+                *(t.to(ref_dtype) for t in weights),
+                activation=args.activation,
+                scaling=args.scaling,
+                upcast=False,
+            )
+            for ref_dtype in (torch.float64, dtype)
+        ]
+        for name, (fn, _) in providers.items():
+            check_provider(name, fn(), *refs)
 
     shape = f"x{tuple(x.shape)} bottleneck{args.bottleneck} {args.activation}"
     calls = [

@@ -12,7 +12,11 @@ Providers:
 TFLOP/s counts the useful work of the masked computation (4 * B * H * D * visible
 pairs forward, 2.5x that backward), the same count for every provider.
 
+Before timing, each provider's output (batch element 0) is checked against the float64
+reference of the function it computes; a provider that fails stops the script.
+
 Example: python benchmarks/attn.py --batch 4 --heads 8 --seq 1024 --prefix 16 --head-dim 64
+         python benchmarks/attn.py --seq 1024 2048 4096 --modes full   # one process, three lengths
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import ptpeft_kernels as pk
-from benchmarks.common import append_csv, common_args, measure, modes_for, print_table, setup
+from benchmarks.common import append_csv, check_provider, common_args, measure, modes_for, print_table, setup
 
 
 def peft_style(q, k, v, prefix_k, prefix_v, causal: bool):
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024, help="sequence length N (= M)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024], help="sequence length(s) N (= M)")
     parser.add_argument("--prefix", type=int, default=16, help="prefix length P")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--non-causal", action="store_true", help="bidirectional attention")
@@ -65,8 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     common_args(parser, "attn.csv")
     args = parser.parse_args(argv)
     device, dtype = setup(args)
-    b, h, n, p, d, causal = args.batch, args.heads, args.seq, args.prefix, args.head_dim, not args.non_causal
+    for n in args.seq:
+        rows = _run(args, n, device, dtype, parser)
+        if not args.no_csv:
+            append_csv(rows, args.csv, device)
 
+
+def _run(args, n: int, device: torch.device, dtype: torch.dtype, parser) -> list:
+    b, h, p, d, causal = args.batch, args.heads, args.prefix, args.head_dim, not args.non_causal
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
@@ -96,6 +106,20 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown providers {sorted(unknown)}; available: {sorted(providers)}")
         providers = {name: providers[name] for name in args.providers}
 
+    with torch.no_grad():  # batch element 0 of each provider against the float64 reference
+        first, prefix = [t[:1] for t in (q, k, v)], [prefix_k, prefix_v]
+        refs = {  # (float64, same dtype) outputs, with and without the prefix
+            with_prefix: tuple(
+                pk.prefix_attention_ref(
+                    *(t.to(ref_dtype) for t in first + prefix[: 2 * with_prefix]), causal=causal, upcast=False
+                )  # fmt: skip
+                for ref_dtype in (torch.float64, dtype)
+            )
+            for with_prefix in (True, False)
+        }
+        for name, (fn, _) in providers.items():
+            check_provider(name, fn()[:1], *refs[name != "sdpa-noprefix"])
+
     shape = f"B{b} H{h} N{n} P{p} D{d} {'causal' if causal else 'full'}"
     fwd_flops = 4.0 * b * h * d * visible_pairs(n, n, p, causal)
     flops = {"forward": fwd_flops, "backward": 2.5 * fwd_flops, "full": 3.5 * fwd_flops}
@@ -107,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = measure("attn", calls, shape, dtype, device, args.warmup, args.repeats)
     print(f"prefix attention, {shape}, {dtype}, {device}")
     print_table(rows, baseline="peft-sdpa")
-    if not args.no_csv:
-        append_csv(rows, args.csv, device)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Shared benchmark harness: timing, peak memory, the results table and the CSV log.
 
 Timing: ``repeats`` runs after ``warmup`` runs, the providers interleaved run by run;
-reported as median, p20 and p80 in milliseconds (CUDA runs are synchronised around each
-call). Peak memory: on CUDA,
+reported as median, p20 and p80 in milliseconds. On CUDA each run is timed by CUDA events
+recorded around the call on the current stream, after a write of 256 MB that evicts the L2
+cache (so no run reads what the previous one left there; the flush is outside the events);
+on the CPU by ``time.perf_counter`` around the call. Peak memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on the
 CPU, the high-water mark of the allocator events PyTorch's profiler records during the
 call (every tensor allocation, including those inside fused kernels), again above the
@@ -13,8 +15,10 @@ overhead never reaches the timings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -58,12 +62,9 @@ def device_name(device: torch.device) -> str:
 
 def versions() -> str:
     parts = [f"torch {torch.__version__}"]
-    for name in ("triton", "transformers", "peft"):
-        try:
-            module = __import__(name)
-            parts.append(f"{name} {module.__version__}")
-        except ImportError:
-            pass
+    for name in ("triton", "transformers", "peft"):  # read from the metadata: importing peft takes seconds
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            parts.append(f"{name} {importlib.metadata.version(name)}")
     import ptpeft_kernels
 
     parts.append(f"ptpeft_kernels {ptpeft_kernels.__version__}")
@@ -75,10 +76,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+L2_FLUSH_BYTES = 256 * 2**20  # above every current GPU's L2 (H100 50 MB, H200 60 MB, B200 126 MB)
+_flush_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    if device not in _flush_buffers:
+        _flush_buffers[device] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    return _flush_buffers[device]
+
+
+def _cuda_times_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """GPU time of each of ``repeats`` calls, from CUDA events; the L2 cache flushed before each."""
+    flush = _l2_flush_buffer(device)
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
+    ]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         fn()
     _sync(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return _cuda_times_ms(fn, device, repeats)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -183,10 +212,33 @@ def print_table(rows: list[Row], baseline: str | None = None) -> None:
             print(line)
 
 
+RUN_ID_VAR = "PTPEFT_RUN_ID"  # set by gpu_suite.py: its summary reads only the rows of its own run
+
+
+def _widen_header(path: Path, fields: list[str]) -> list[str]:
+    """The CSV's header extended by any of ``fields`` it lacks (file rewritten atomically); its fields."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        missing = [name for name in fields if name not in header]
+        if not missing:
+            return header
+        rows = list(reader)
+    header += missing
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return header
+
+
 def append_csv(rows: list[Row], path: Path, device: torch.device) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     meta = {
+        "run_id": os.environ.get(RUN_ID_VAR, ""),
         "timestamp": stamp,
         "device": device_name(device),
         "versions": versions(),
@@ -198,7 +250,9 @@ def append_csv(rows: list[Row], path: Path, device: torch.device) -> None:
         record.update(row.extra)
         records.append(record)
     fields = list(records[0])
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:  # an older file may lack a column (run_id, say): appended rows must not shift under it
+        fields = _widen_header(path, fields)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
@@ -246,6 +300,22 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
     return torch.device(args.device), getattr(torch, args.dtype)
+
+
+def check_provider(name: str, out: torch.Tensor, ref64: torch.Tensor, same_dtype: torch.Tensor) -> None:
+    """Stop the benchmark unless ``out`` computes the function: its error against the float64
+    reference at most 3x that of the same-dtype PyTorch reference (``same_dtype``), plus a floor
+    of 4 units in the last place of the largest reference value. Timing a wrong provider would
+    publish a meaningless figure."""
+    out64, same64 = out.detach().double(), same_dtype.detach().double()
+    scale = ref64.abs().max().item()
+    err = (out64 - ref64).abs().max().item() if torch.isfinite(out64).all() else float("inf")
+    bound = 3 * (same64 - ref64).abs().max().item() + 4 * torch.finfo(out.dtype).eps * scale
+    if not err <= bound:
+        raise SystemExit(
+            f"provider {name} does not compute the benchmarked function: max error {err:.3e} against "
+            f"the float64 reference exceeds {bound:.3e} (3x the same-dtype reference's + 4 ulp)"
+        )
 
 
 def assert_same_function(ours: torch.Tensor, theirs: torch.Tensor) -> None:

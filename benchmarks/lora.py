@@ -6,6 +6,8 @@ Providers:
   base-linear       the frozen ``nn.Linear`` alone: the floor a LoRA layer can approach.
 
 The base weight is frozen (PEFT use); ``x`` requires grad, as it does inside a network.
+Before timing (dropout off), each provider's output is checked against the float64 reference
+of the function it computes. Without ``peft`` installed, its provider is left out (said so).
 
 Example: python benchmarks/lora.py --tokens 8 512 --features 1024 1024 --rank 16
 """
@@ -19,6 +21,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/<name>.py`: make the 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
+import importlib.util
 
 import torch
 from torch import nn
@@ -26,7 +29,7 @@ from torch import nn
 import ptpeft_kernels as pk
 from benchmarks.common import (
     append_csv,
-    assert_same_function,
+    check_provider,
     common_args,
     measure,
     modes_for,
@@ -51,6 +54,21 @@ def peft_layer(base: nn.Linear, rank: int, alpha: float, dropout: float) -> nn.M
     return peft.get_peft_model(_Holder(base), config).base_model.model.proj
 
 
+def _check_providers(providers: dict, x: torch.Tensor, base: nn.Linear, ours: pk.LoRALinear) -> None:
+    """Each provider against the float64 reference of its function (LoRA, or the base linear alone)."""
+    weights = (base.weight, base.bias, ours.lora_A.weight, ours.lora_B.weight)
+    with torch.no_grad():
+        refs = {}
+        for ref_dtype in (torch.float64, x.dtype):
+            w, b, a, bb = (None if t is None else t.to(ref_dtype) for t in weights)
+            xr = x.to(ref_dtype)
+            lora = pk.lora_linear_ref(xr, w, b, a, bb, ours.scaling, upcast=False)
+            refs.setdefault(True, []).append(lora)
+            refs.setdefault(False, []).append(nn.functional.linear(xr, w, b))
+        for name, (fn, _) in providers.items():
+            check_provider(name, fn(), *refs[name != "base-linear"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,24 +87,27 @@ def main(argv: list[str] | None = None) -> None:
     base = nn.Linear(fin, fout, bias=args.bias, device=device, dtype=dtype).requires_grad_(False)
     ours = pk.LoRALinear(base, r=args.rank, alpha=args.alpha, dropout=args.dropout)
     nn.init.normal_(ours.lora_B.weight, std=0.02)
-    theirs = peft_layer(
-        nn.Linear(fin, fout, bias=args.bias, device=device, dtype=dtype), args.rank, args.alpha, args.dropout
-    )
-    with torch.no_grad():
-        theirs.base_layer.weight.copy_(base.weight)
-        if args.bias:
-            theirs.base_layer.bias.copy_(base.bias)
-        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
-        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    theirs = None
+    if importlib.util.find_spec("peft") is not None:
+        theirs = peft_layer(
+            nn.Linear(fin, fout, bias=args.bias, device=device, dtype=dtype),
+            args.rank,
+            args.alpha,
+            args.dropout,
+        )
+        with torch.no_grad():
+            theirs.base_layer.weight.copy_(base.weight)
+            if args.bias:
+                theirs.base_layer.bias.copy_(base.bias)
+            theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+            theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        theirs.train()
+    else:
+        print("peft is not installed: the peft provider is left out")
     ours.train()
-    theirs.train()
     x = torch.randn(*args.tokens, fin, device=device, dtype=dtype, requires_grad=True)
-    with torch.no_grad():  # both layers compute the same function (dropout off)
-        if args.dropout == 0.0:
-            assert_same_function(ours(x), theirs(x))
 
     lora_params = [ours.lora_A.weight, ours.lora_B.weight]
-    peft_params = [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight]
     providers = {}
     for backend in pk.available_backends():
         if backend == "torch" or device.type == "cuda":
@@ -103,8 +124,12 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 [x, *lora_params],
             )
-    providers["peft"] = (lambda: theirs(x), [x, *peft_params])
+    if theirs is not None:
+        peft_params = [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight]
+        providers["peft"] = (lambda: theirs(x), [x, *peft_params])
     providers["base-linear"] = (lambda: base(x), [x])
+    if args.dropout == 0.0:
+        _check_providers(providers, x, base, ours)
 
     shape = f"x{tuple(x.shape)} W{fout}x{fin} r{args.rank}"
     calls = [

@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 import ptpeft_kernels as pk
-from benchmarks.common import append_csv, common_args, measure, print_table, setup
+from benchmarks.common import append_csv, assert_same_function, common_args, measure, print_table, setup
 from ptpeft_kernels.train import synthetic
 from ptpeft_kernels.train.builtin_model import BUILTIN_FAMILY, PRESETS, build_model
 from ptpeft_kernels.train.data import Collator, caption_examples, load_captions, model_inputs
@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             mods[n].lora_B["default"].weight.copy_(src.lora_B.weight)
         ours.eval()
         theirs.eval()
-        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=2e-4, atol=2e-4)
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=2e-4, atol=2e-4)
+        else:  # two summation orders differ by a rounding step or so per layer in low precision
+            assert_same_function(ours(**inputs).logits, theirs(**inputs).logits)
 
     stage2, _ = fresh()
     pk.apply_prefix(stage2, num_prefix=args.num_prefix, reparam_hidden=128)

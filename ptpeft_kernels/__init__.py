@@ -3,6 +3,7 @@
 from . import analysis
 from .backends import BackendUnavailableError, available_backends
 from .integrations import (
+    PTPEFTTrainerMixin,
     apply_adapter,
     apply_lora,
     apply_prefix,
@@ -28,6 +29,8 @@ __all__ = [
     "BackendUnavailableError",
     "BottleneckAdapter",
     "LoRALinear",
+    "PTPEFTTrainer",
+    "PTPEFTTrainerMixin",
     "PrefixEncoder",
     "adapter",
     "adapter_ref",
@@ -50,3 +53,12 @@ __all__ = [
     "prefix_attention",
     "prefix_attention_ref",
 ]
+
+
+def __getattr__(name: str):
+    # PTPEFTTrainer subclasses transformers.Trainer (an import of seconds): built on first access.
+    if name == "PTPEFTTrainer":
+        from .integrations import hf_trainer
+
+        return hf_trainer.PTPEFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

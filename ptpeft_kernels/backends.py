@@ -14,6 +14,10 @@ a GPU. An implementation may come with a ``supports`` check that returns ``None`
 it can run the call, or a sentence saying why not. ``auto`` walks the preference order
 and takes the first backend that can run the call, logging each reason once at debug
 level; an explicitly requested backend that cannot run raises :class:`BackendUnavailableError`.
+
+The first-use guard (:mod:`ptpeft_kernels.verify`) sits where the ops' implementations run:
+each op's forward and backward ask :func:`guarded` for the backend to use, which is the
+resolved one unless the guard found that backend's kernel wrong for the case on this device.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ __all__ = [
     "register",
     "resolve",
     "get_impl",
+    "guarded",
+    "has_impl",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,9 +98,10 @@ def _machine_reason(backend: str) -> str | None:
     if backend == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device"
-        if importlib.util.find_spec("ptpeft_kernels._C") is None:
-            return "the CUDA extension ptpeft_kernels._C is not built (see setup.py)"
-        return None
+        # Listed only once the extension has actually loaded (a stale or mismatched build is a reason).
+        from .ops.cuda._library import load_reason
+
+        return load_reason()
     raise AssertionError(backend)
 
 
@@ -182,3 +189,22 @@ def get_impl(op: str, backend: str, kind: str = "forward") -> Callable[..., Any]
         return _REGISTRY[op][backend][kind].fn
     except KeyError:
         raise BackendUnavailableError(f"the {backend} backend has no {kind} implementation of {op}") from None
+
+
+def has_impl(op: str, backend: str, kind: str = "forward") -> bool:
+    """Whether ``backend`` registers a ``kind`` implementation of ``op``."""
+    _load(backend)
+    return kind in _REGISTRY.get(op, {}).get(backend, {})
+
+
+def guarded(op: str, backend: str, *args: Any, kind: str = "forward") -> str:
+    """``backend``, or ``"torch"`` where the first-use guard found its kernel wrong for this case here.
+
+    ``args``: the op's forward arguments as its backends receive them; ``kind``: the call about to
+    run. Costs a dictionary lookup once the case is checked; see :mod:`ptpeft_kernels.verify`.
+    """
+    if backend == "torch":
+        return backend
+    from . import verify
+
+    return verify.route(op, backend, args, kind)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..layers import BottleneckAdapter
 from ..layers._validate import check_int
+from .hf_save import install_save_pretrained
 from .lora import attention_output_projection, is_linear
 from .model_info import model_family, select_sites
 from .stages import freeze_base
@@ -180,6 +181,7 @@ def apply_adapter(
         "layers": layer_names,
     }
     object.__setattr__(model, SPEC_ATTR, spec)
+    install_save_pretrained(model)
     if freeze:
         freeze_base(model)
     for name, module in model.named_modules():

@@ -27,17 +27,18 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.prefix_attention import prefix_attention
+from .attention_kwargs import (
+    _warned,  # noqa: F401  (one set of warned keys; tests clear it)
+    check_keywords,
+    index_mask,
+    segment_mask,
+    sink_logits,
+    warn_once,
+)
 
 ATTN_IMPLEMENTATION = "ptpeft"
 
 _registered = False
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -97,7 +98,7 @@ def _bool_mask(mask: Tensor, batch: int, m: int) -> tuple[Tensor | None, Tensor 
     return keep, None
 
 
-# ----------------------------------------------------------------------------- SDPA fallback
+# ----------------------------------------------------------------------------- fallback
 
 
 def _fallback(
@@ -111,20 +112,29 @@ def _fallback(
     causal: bool,
     scale: float,
     dropout: float,
-    sliding_window: int | None,
+    window: int | None,
     softcap: float | None,
+    sinks: Tensor | None,
+    head_mask: Tensor | None,
 ) -> Tensor:
-    """SDPA (or explicit scores for soft-capping) with the prefix concatenated in front of the keys."""
+    """SDPA, or explicit scores (soft-capping, sinks, head mask), with the prefix in front of the keys.
+
+    ``keep`` / ``bias`` cover the sequence keys; ``causal`` and ``window`` (bottom-right aligned)
+    are applied only when no mask was given (a given mask already carries them).
+    """
     b, hq, n, d = query.shape
     hkv, m = key.shape[1], key.shape[2]
     dev = query.device
-    if keep is None and bias is None and (causal or sliding_window):
+    if causal or window:
         pos = torch.arange(n, device=dev)[:, None] + (m - n)  # bottom-right aligned query positions
         kpos = torch.arange(m, device=dev)[None, :]
         visible = kpos <= pos if causal else torch.ones(n, m, dtype=torch.bool, device=dev)
-        if sliding_window:
-            visible = visible & (kpos > pos - sliding_window)
-        keep = visible[None, None].expand(b, 1, n, m)
+        if window:
+            visible = visible & (kpos > pos - window)
+        visible = visible[None, None]
+        keep = visible if keep is None else keep & visible
+    if keep is not None:
+        keep = keep.expand(b, *keep.shape[1:])
     if prefix is not None and prefix[0].shape[-2] > 0:
         p = prefix[0].shape[-2]
         pk, pv = (t.expand(b, -1, -1, -1) if t.dim() == 3 else t for t in prefix)
@@ -137,25 +147,32 @@ def _fallback(
     if hq != hkv:
         key = key.repeat_interleave(hq // hkv, dim=1)
         value = value.repeat_interleave(hq // hkv, dim=1)
-    if softcap:
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-        scores = softcap * torch.tanh(scores / softcap)
+    if softcap or sinks is not None or head_mask is not None:
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         if bias is not None:
-            scores = scores + bias
+            scores = scores + bias.float()
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(query.dtype)
+        if sinks is not None:  # one more logit per row with a zero value: it only absorbs probability
+            column = sink_logits(sinks, b, hq, n).float().expand(b, hq, n, 1)
+            scores = torch.cat([scores, column], dim=-1)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        if head_mask is not None:
+            probs = probs * (head_mask.view(1, -1, 1, 1) if head_mask.dim() == 1 else head_mask)
         probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-        out = torch.matmul(probs, value)
-    else:
-        attn_mask = bias if bias is not None else keep
-        if bias is not None and keep is not None:
-            attn_mask = bias.masked_fill(~keep, float("-inf"))
-        out = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale
-        )
-        if keep is not None:  # a row that sees nothing outputs zeros, as the fused op does
-            out = out.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
+        return torch.matmul(probs.to(value.dtype), value)
+    attn_mask = bias if bias is not None else keep
+    if bias is not None and keep is not None:
+        attn_mask = bias.masked_fill(~keep, float("-inf"))
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale
+    )
+    if keep is not None:  # a row that sees nothing outputs zeros, as the fused op does
+        out = out.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
     return out
 
 
@@ -170,27 +187,36 @@ def _module_prefix(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tenso
     return pk.to(dtype), pv.to(dtype)
 
 
+def _and(keep: Tensor | None, extra: Tensor) -> Tensor:
+    return extra if keep is None else keep & extra
+
+
 def ptpeft_attention_forward(
     module: nn.Module,
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attention_mask: Tensor | None,
+    attention_mask: Tensor | None = None,
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers ``AttentionInterface`` entry: (B, Hq, N, D) queries in, (B, N, Hq, D) out."""
+    """transformers ``AttentionInterface`` entry: (B, Hq, N, D) queries in, (B, N, Hq, D) out.
+
+    Every keyword transformers passes is honoured, inert or refused (see ``attention_kwargs``).
+    """
+    check_keywords(module, kwargs)
     if kwargs.get("output_attentions"):
-        _warn_once(
+        warn_once(
             "output_attentions",
             "ptpeft attention does not materialise attention weights; output_attentions=True returns "
             "None weights (use attn_implementation='eager' to inspect them)",
+            stacklevel=3,
         )
-    b, _, n, d = query.shape
+    b, hq, n, d = query.shape
     m = key.shape[2]
-    scale = d**-0.5 if scaling is None else float(scaling)
+    scale = (d**-0.5 if d else 1.0) if scaling is None else float(scaling)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if getattr(module, "_ptpeft_cross", False):
         # Cross-attention is never causal, whatever the module says (transformers 5.17's Kosmos-2
@@ -208,28 +234,64 @@ def ptpeft_attention_forward(
             )
         keep, bias = _bool_mask(attention_mask, b, m)
         causal = False  # a given mask already encodes causality (and any bidirectional blocks)
+    # Packed sequences (flash-attn's varlen keywords) and top-k key selection become bool masks.
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        cu_q = cu_k if cu_q is None else cu_q
+        cu_k = cu_q if cu_k is None else cu_k
+        keep = _and(keep, segment_mask(cu_q, cu_k, n, m, b, causal))
+        causal = False
+    if kwargs.get("indices") is not None:
+        keep = _and(keep, index_mask(kwargs["indices"], b, n, m))
+    if kwargs.get("position_bias") is not None:
+        position_bias = kwargs["position_bias"][..., :m]
+        bias = position_bias if bias is None else bias + position_bias
 
-    sliding_window = kwargs.get("sliding_window")
+    # A window matters only without a mask (a given mask carries it, as transformers' eager and SDPA
+    # paths assume) and when some query's window ends before the first key (M > window).
+    window = kwargs.get("sliding_window")
+    window = window if window and attention_mask is None and m > window else None
     softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    head_mask = kwargs.get("head_mask")
     dropout = float(dropout) if module.training else 0.0
-    reason = None
-    if sliding_window:
-        reason = "sliding-window attention"
-    elif dropout > 0.0:
-        reason = "attention dropout during training"
-    elif softcap:
-        reason = "attention logit soft-capping"
-    elif bias is not None:
-        reason = "an additive float attention mask with bias values"
-    if reason is not None:
-        _warn_once(
+    reasons = [
+        name
+        for name, present in (
+            ("sliding-window attention", window is not None),
+            ("attention dropout during training", dropout > 0.0),
+            ("attention logit soft-capping", bool(softcap)),
+            ("attention sinks (s_aux / sinks)", sinks is not None),
+            ("a head mask", head_mask is not None),
+            ("an additive attention bias (float mask values or position_bias)", bias is not None),
+        )
+        if present
+    ]
+    if reasons:
+        reason = " and ".join(reasons)
+        warn_once(
             reason,
             f"ptpeft attention: {reason} is not supported by the fused prefix_attention kernel; "
-            f"{type(module).__name__} falls back to torch scaled_dot_product_attention with the prefix "
-            f"concatenated to the keys (same result, slower). Warned once.",
+            f"{type(module).__name__} falls back to torch scaled_dot_product_attention (explicit scores for "
+            f"soft-capping, sinks and head masks) with the prefix concatenated to the keys (same result, "
+            f"slower). Warned once.",
+            stacklevel=3,
         )
         out = _fallback(
-            module, query, key, value, prefix, keep, bias, causal, scale, dropout, sliding_window, softcap
+            module,
+            query,
+            key,
+            value,
+            prefix,
+            keep,
+            bias,
+            causal and attention_mask is None,
+            scale,
+            dropout,
+            window,
+            softcap,
+            sinks,
+            head_mask,
         )
     else:
         pk, pv = prefix if prefix is not None else (None, None)
@@ -277,11 +339,44 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+def _bypassing_configs(model: nn.Module) -> dict[int, list[str]]:
+    """Configs whose every attention site computes attention itself: id -> those sites' names.
+
+    Such modules never call the registry, but the model still builds their masks for the
+    configured implementation: switched to "ptpeft" they would be handed a boolean mask where
+    they add a float one (Falcon, Bloom, MPT, GIT's text decoder: logits change silently).
+    """
+    from transformers import PretrainedConfig
+
+    from .model_info import find_attention_sites
+
+    owners = {
+        n: m.config
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "config", None), PretrainedConfig)
+    }
+    routed: set[int] = set()
+    bypassing: dict[int, list[str]] = {}
+    for site in find_attention_sites(model):
+        parts = site.name.split(".")
+        ancestors = (".".join(parts[:i]) for i in range(len(parts), -1, -1))  # the site itself first
+        config = next((owners[a] for a in ancestors if a in owners), None)
+        if config is None:
+            continue
+        if site.routed:
+            routed.add(id(config))
+        else:
+            bypassing.setdefault(id(config), []).append(site.name)
+    return {k: v for k, v in bypassing.items() if k not in routed}
+
+
 def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -> nn.Module:
     """Switch every attention of ``model`` (all sub-models) to ``implementation``; returns ``model``.
 
     ``"ptpeft"`` (the default) runs them through :func:`ptpeft_kernels.prefix_attention`;
-    ``"sdpa"`` / ``"eager"`` switch back (prefix-carrying modules then refuse to run).
+    ``"sdpa"`` / ``"eager"`` switch back (prefix-carrying modules then refuse to run). Sub-models
+    whose attention modules all bypass transformers' attention registry keep their implementation
+    under ``"ptpeft"`` (with a warning): their masks must stay the ones they were written for.
     """
     if not isinstance(implementation, str):
         raise TypeError(f"implementation must be a str, got {type(implementation).__name__}")
@@ -290,11 +385,13 @@ def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -
     configs = _configs(model)
     if not configs:
         raise TypeError(f"model must be a transformers model (with a config), got {type(model).__name__}")
+    keep_as_is = _bypassing_configs(model) if implementation == ATTN_IMPLEMENTATION else {}
+    before = {id(c): c._attn_implementation for c in configs}
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
         import logging
 
-        # transformers warns for sub-models that bypass the registry; apply_prefix reports those itself.
+        # transformers warns for sub-models that bypass the registry; this function reports those itself.
         log = logging.getLogger("transformers.modeling_utils")
         level = log.level
         log.setLevel(logging.ERROR)
@@ -302,10 +399,23 @@ def set_attention(model: nn.Module, implementation: str = ATTN_IMPLEMENTATION) -
             setter(implementation)
         finally:
             log.setLevel(level)
-    # Sub-configs transformers did not reach (modules keeping a config it does not list).
+    # Sub-configs transformers did not reach (modules keeping a config it does not list), and back for
+    # the bypassing ones it switched anyway (its check is per source file: GIT's vision tower is routed).
     for config in configs:
-        if config._attn_implementation != implementation:
-            config._attn_implementation_internal = implementation
+        want = before[id(config)] if id(config) in keep_as_is else implementation
+        if config._attn_implementation != want:
+            config._attn_implementation_internal = want
+    if keep_as_is:
+        names = [n for v in keep_as_is.values() for n in v]
+        warnings.warn(
+            f"{type(model).__name__}: {len(names)} attention module(s) compute attention themselves instead "
+            f"of dispatching through transformers' AttentionInterface ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); their sub-model keeps attn_implementation "
+            f"{sorted({before[k] for k in keep_as_is})} so its masks stay right. They get no fused kernel "
+            f"and cannot take prefixes (LoRA and adapters work).",
+            UserWarning,
+            stacklevel=2,
+        )
     if implementation == ATTN_IMPLEMENTATION:
         from .model_info import find_attention_sites
 

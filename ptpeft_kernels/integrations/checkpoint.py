@@ -145,6 +145,92 @@ def _peft_key(name: str, part: str) -> str:
     return f"base_model.model.{name}.{part}.weight"
 
 
+# ----------------------------------------------------------------------------- structure checks
+
+
+def _site_list(model: nn.Module) -> list[dict[str, Any]]:
+    return [
+        {"name": s.name, "heads": s.num_heads, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim}
+        for s in find_attention_sites(model)
+    ]
+
+
+def _describe_site(site: dict[str, Any]) -> str:
+    shape = f"{site['heads']} heads, {site['kv_heads']} key/value heads of dim {site['head_dim']}"
+    return f"{site['name']} ({shape})"
+
+
+def _check_sites(model: nn.Module, config: dict, file: Path) -> None:
+    """The model's attention modules must be the checkpoint's, one for one, in number, names and shapes.
+
+    Without this a checkpoint from a shallower model loads into a deeper one and the extra layers
+    silently get no prefix / LoRA / adapter. Checkpoints written before the site list was saved
+    are checked by count.
+    """
+    have = _site_list(model)
+    want = config.get("attention_sites")
+    hint = "the checkpoint was saved from a different base model (layer count or architecture)"
+    if not isinstance(want, list):
+        count = config.get("num_attention_sites")
+        if isinstance(count, int) and count != len(have):
+            raise ValueError(
+                f"{file}: the checkpoint's model has {count} attention modules, {type(model).__name__} has "
+                f"{len(have)}; {hint}"
+            )
+        return
+    for i in range(max(len(want), len(have))):
+        w = want[i] if i < len(want) else None
+        h = have[i] if i < len(have) else None
+        if w == h:
+            continue
+        if w is None:
+            detail = f"the model has more: its attention module {_describe_site(h)} has no counterpart"
+        elif h is None:
+            detail = f"the model has fewer: the checkpoint's {_describe_site(w)} has no counterpart"
+        else:
+            detail = f"attention module {i} is {_describe_site(h)} in the model, {_describe_site(w)} saved"
+        raise ValueError(
+            f"{file}: the checkpoint's model has {len(want)} attention modules, {type(model).__name__} has "
+            f"{len(have)}; first difference: {detail}; {hint}"
+        )
+
+
+def _check_lora_shapes(model: nn.Module, modules: dict[str, dict], file: Path) -> None:
+    """Each LoRA target must exist and have the saved in / out widths (checked before anything changes)."""
+    all_modules = dict(model.named_modules())
+    for name, saved in modules.items():
+        module = all_modules.get(name)
+        if module is None:
+            raise ValueError(
+                f"{file}: the checkpoint has LoRA on {name}, which the model lacks; "
+                f"the layer count or architecture differs"
+            )
+        shape = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        if "in" in saved and shape != (saved["in"], saved["out"]):
+            raise ValueError(
+                f"{file}: LoRA module {name} is {saved['in']} -> {saved['out']} in the checkpoint but "
+                f"{shape[0]} -> {shape[1]} in the model; the checkpoint was saved from a different base model"
+            )
+
+
+def _check_peft_targets(model: nn.Module, peft: dict, names: list[str], file: Path) -> None:
+    """A PEFT checkpoint's target_modules must not select modules it has no weights for (a deeper model)."""
+    from .lora import match_targets
+
+    targets = peft.get("target_modules")
+    own_rules = targets == "all-linear" or peft.get("layers_to_transform") or peft.get("exclude_modules")
+    if not targets or own_rules:
+        return  # selections PEFT resolves with rules of its own: the saved module names decide
+    covered = set(names)
+    extra = [n for n in match_targets(model, targets) if n not in covered]
+    if extra:
+        raise ValueError(
+            f"{file}: its target_modules {targets!r} select {len(extra)} module(s) of {type(model).__name__} "
+            f"the checkpoint has no LoRA weights for, first {extra[0]}; it was saved from a model with fewer "
+            f"layers or another architecture"
+        )
+
+
 # ----------------------------------------------------------------------------- save
 
 
@@ -176,6 +262,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         "family": family,
         "architecture": type(model).__name__,
         "num_attention_sites": len(find_attention_sites(model)),
+        # Every attention module with its shape: load_adapters refuses a model that differs anywhere.
+        "attention_sites": _site_list(model),
         "prefix": None,
         "lora": None,
         "adapter": None,
@@ -352,11 +440,12 @@ def _load_lora(model: nn.Module, directory: Path, info: dict | None) -> None:
         modules = {}
         alpha_pattern = peft.get("alpha_pattern") or {}
         for n in names:
-            r = saved[_peft_key(n, "lora_A")].shape[0]
+            r, in_features = saved[_peft_key(n, "lora_A")].shape
             alpha = next(
                 (v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", n)), peft["lora_alpha"]
             )
-            modules[n] = {"r": r, "alpha": alpha}
+            out_features = saved[_peft_key(n, "lora_B")].shape[0] if _peft_key(n, "lora_B") in saved else None
+            modules[n] = {"r": r, "alpha": alpha, "in": in_features, "out": out_features}
         if (
             peft.get("use_dora")
             or peft.get("fan_in_fan_out")
@@ -368,6 +457,8 @@ def _load_lora(model: nn.Module, directory: Path, info: dict | None) -> None:
                 f"biases are not supported"
             )
         info = {"dropout": peft.get("lora_dropout", 0.0), "use_rslora": bool(peft.get("use_rslora", False))}
+        _check_peft_targets(model, peft, names, file)
+    _check_lora_shapes(model, modules, file)
     _lora_from(model, modules, info["dropout"], info["use_rslora"], file)
     layers = _lora_layers(model)
     params = {}
@@ -439,6 +530,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name in config.get("files", []):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} is listed in {CONFIG_NAME} but missing")
+    # Structure first, before anything is added to the model: a refused load leaves it untouched.
+    _check_sites(model, config, directory / CONFIG_NAME)
+    if config.get("lora") is not None:
+        _check_lora_shapes(model, config["lora"]["modules"], directory / LORA_WEIGHTS)
     if config.get("prefix") is not None:
         _load_prefix(model, config["prefix"], directory / PREFIX_WEIGHTS)
     if config.get("lora") is not None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..layers import LoRALinear
 from ..layers._validate import check_int, check_prob
+from .hf_save import install_save_pretrained
 from .model_info import find_attention_sites, model_family
 from .stages import freeze_base
 
@@ -177,6 +178,7 @@ def apply_lora(
         move_hooks(modules[name], layer)
         setattr(parent, child, layer)
         new.append(layer)
+    install_save_pretrained(model)
     if freeze:
         freeze_base(model)
     for layer in new:

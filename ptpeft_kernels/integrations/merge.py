@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import LoRALinear
+from .hf_save import mark_base_merged
 from .lora import _parent, move_hooks
 
 
@@ -13,8 +14,9 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
 
     With ``unload=True`` (default) each :class:`~ptpeft_kernels.LoRALinear` is replaced by its
     ``base_layer``, leaving a plain transformers model (``save_pretrained`` writes the merged
-    weights under the original names); with ``unload=False`` the wrappers stay, merged, and
-    ``LoRALinear.unmerge()`` can undo it. Outputs are unchanged up to the weight dtype's rounding.
+    weights under the original names, and any prefixes / adapters beside them: ``hf_save.py``);
+    with ``unload=False`` the wrappers stay, merged, and ``LoRALinear.unmerge()`` can undo it.
+    Outputs are unchanged up to the weight dtype's rounding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -27,4 +29,6 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
             parent, child = _parent(model, name)
             move_hooks(layer, layer.base_layer)
             setattr(parent, child, layer.base_layer)
+    if unload:
+        mark_base_merged(model)  # save_pretrained must now write the (merged) base weights too
     return model

@@ -30,8 +30,18 @@ _CROSS_RE = re.compile(r"(crossattention|cross_attn|cross_attention|encoder_attn
 _QKV_NAMES = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v", "qkv", "wq", "wk", "wv"}
 _KEY_NAMES = ("k_proj", "key", "k", "wk")
 _QUERY_NAMES = ("q_proj", "query", "q", "wq")
-_FUSED_NAMES = ("qkv", "in_proj", "Wqkv", "c_attn")
+# One projection producing [queries, keys, values]: Phi-3 / CodeGen qkv_proj, GPT-NeoX / Persimmon /
+# Falcon / Bloom query_key_value, GPT-2 / GPT-BigCode c_attn, DBRX / MPT Wqkv, Baichuan W_pack.
+_FUSED_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "in_proj", "W_pack")
 _OUT_NAMES = ("o_proj", "out_proj", "proj", "dense", "wo", "c_proj")
+# Where head counts live, in the order they are read: the module's own attributes first (vision
+# towers and cross-attention keep their own), then its config, as transformers' modules compute them.
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head")
+_WIDTH_ATTRS = ("embed_dim", "dim", "hidden_size", "all_head_size")
+_CONFIG_HEAD_ATTRS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
+_CONFIG_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 _routed_cache: dict[type, bool] = {}
 
@@ -48,6 +58,7 @@ class AttentionSite:
     num_heads: int | None
     num_kv_heads: int | None
     head_dim: int | None
+    shape_problem: str | None = None  # what was looked for when a head count / dim stays unknown
 
     @property
     def shape_known(self) -> bool:
@@ -76,10 +87,28 @@ def is_routed(cls: type) -> bool:
     return _routed_cache[cls]
 
 
+def _out_features(child: object) -> int | None:
+    """Output width of a linear-like projection, seen through LoRA / PEFT / quantisation wrappers.
+
+    ``nn.Linear`` and its subclasses (bitsandbytes), anything exposing ``out_features`` (this
+    library's and PEFT's LoRA layers), transformers' ``Conv1D`` (GPT-2: ``nf``), or whatever a
+    ``base_layer`` attribute wraps.
+    """
+    for _ in range(4):  # wrappers nest (PEFT around a quantised Linear, ...)
+        if not isinstance(child, nn.Module):
+            return None
+        for attr in ("out_features", "nf"):
+            value = getattr(child, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        child = getattr(child, "base_layer", None)
+    return None
+
+
 def _looks_like_attention(module: nn.Module) -> bool:
     if "attention" not in type(module).__name__.lower() and "attn" not in type(module).__name__.lower():
         return False
-    linear_children = {n for n, c in module.named_children() if isinstance(c, nn.Linear)}
+    linear_children = {n for n, c in module.named_children() if _out_features(c) is not None}
     return len(linear_children & _QKV_NAMES) >= 2 or bool(linear_children & set(_FUSED_NAMES))
 
 
@@ -91,44 +120,72 @@ def _first_int(obj: object, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _child_linear(module: nn.Module, names: tuple[str, ...]) -> nn.Linear | None:
+def _child_width(module: nn.Module, names: tuple[str, ...]) -> int | None:
     for n in names:
-        child = getattr(module, n, None)
-        if isinstance(child, nn.Linear):
-            return child
+        width = _out_features(getattr(module, n, None))
+        if width is not None:
+            return width
     return None
 
 
-def _head_shapes(module: nn.Module) -> tuple[int | None, int | None, int | None]:
-    """(Hq, Hkv, D) from the module's attributes, its config and its projection widths."""
+def _divide(total: int | None, part: int | None) -> int | None:
+    return total // part if total is not None and part and total % part == 0 else None
+
+
+def _head_shapes(module: nn.Module) -> tuple[int | None, int | None, int | None, str | None]:
+    """(Hq, Hkv, D, problem): head counts and dim as the attention function will receive them.
+
+    Read as transformers' modules compute them: the module's own attributes, then its config
+    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` or ``hidden_size // heads``);
+    projection widths (separate q/k, or one fused [q, k, v] projection, LoRA-wrapped or not)
+    decide where they are present, since they are what the attention call is handed.
+    ``problem`` says what was looked for when a value stays unknown.
+    """
     config = getattr(module, "config", None)
-    head_dim = _first_int(module, ("head_dim", "attention_head_size", "head_size", "d_head"))
-    num_heads = _first_int(module, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
-    query = _child_linear(module, _QUERY_NAMES)
-    key = _child_linear(module, _KEY_NAMES)
-    fused = _child_linear(module, _FUSED_NAMES)
-    if num_heads is None and config is not None and head_dim is not None and query is not None:
-        num_heads = _first_int(config, ("num_attention_heads",))
+    head_dim = _first_int(module, _HEAD_DIM_ATTRS)
+    num_heads = _first_int(module, _HEAD_ATTRS)
+    num_kv = _first_int(module, _KV_ATTRS)
+    query = _child_width(module, _QUERY_NAMES)
+    key = _child_width(module, _KEY_NAMES)
+    fused = _child_width(module, _FUSED_NAMES)
+    if num_heads is None and head_dim is not None:
+        num_heads = _divide(query, head_dim)
+    if num_heads is None and config is not None:
+        num_heads = _first_int(config, _CONFIG_HEAD_ATTRS)
     if head_dim is None and num_heads is not None:
-        width = _first_int(module, ("embed_dim", "dim", "hidden_size", "all_head_size"))
-        if width is not None and width % num_heads == 0:
-            head_dim = width // num_heads
-    if num_heads is None and head_dim is not None and query is not None:
-        num_heads = query.out_features // head_dim
-    if head_dim is None or num_heads is None:
-        return num_heads, None, head_dim
+        head_dim = _divide(_first_int(module, _WIDTH_ATTRS) or query, num_heads)
+    if head_dim is None and config is not None and num_heads is not None:
+        width = _first_int(config, ("hidden_size",))
+        head_dim = _first_int(config, ("head_dim",)) or _divide(width, num_heads)
+    if num_heads is None or head_dim is None:
+        missing = "head count" if num_heads is None else "head dim"
+        looked = (
+            f"module attributes {', '.join(_HEAD_ATTRS)} or config.{', config.'.join(_CONFIG_HEAD_ATTRS)}"
+            if num_heads is None
+            else f"module attributes {', '.join(_HEAD_DIM_ATTRS)}, config.head_dim or a query projection"
+        )
+        return num_heads, None, head_dim, f"no {missing} (looked for {looked})"
     if key is not None:
-        if key.out_features % head_dim:
-            return num_heads, None, head_dim
-        num_kv = key.out_features // head_dim
-    elif fused is not None and fused.out_features == 3 * num_heads * head_dim:
-        num_kv = num_heads
-    else:
-        groups = _first_int(module, ("num_key_value_groups",))
-        num_kv = num_heads // groups if groups and num_heads % groups == 0 else None
+        num_kv = _divide(key, head_dim)
+    elif fused is not None:
+        rest = _divide(fused, head_dim)  # [Hq + 2 Hkv] heads of width D
+        extra = rest - num_heads if rest else 0
+        num_kv = extra // 2 if extra > 0 and extra % 2 == 0 else None
+    if num_kv is None:
+        num_kv = _divide(num_heads, _first_int(module, ("num_key_value_groups",)))
+    if num_kv is None and config is not None:
+        num_kv = _first_int(config, _CONFIG_KV_ATTRS)
     if num_kv is None or num_heads % num_kv:
-        return num_heads, None, head_dim
-    return num_heads, num_kv, head_dim
+        return (
+            num_heads,
+            None,
+            head_dim,
+            f"no key/value head count dividing {num_heads} query heads (looked for module attributes "
+            f"{', '.join(_KV_ATTRS)}, a key projection ({', '.join(_KEY_NAMES)}), a fused projection "
+            f"({', '.join(_FUSED_NAMES)}), num_key_value_groups, "
+            f"config.{', config.'.join(_CONFIG_KV_ATTRS)})",
+        )
+    return num_heads, num_kv, head_dim, None
 
 
 def _region(name: str, lm_roots: list[str]) -> str:
@@ -172,7 +229,7 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
             continue
         if any(name.startswith(s.name + ".") for s in sites):
             continue  # e.g. an attention class nested in another routed one
-        num_heads, num_kv, head_dim = _head_shapes(module)
+        num_heads, num_kv, head_dim, problem = _head_shapes(module)
         sites.append(
             AttentionSite(
                 name=name,
@@ -183,6 +240,7 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
                 num_heads=num_heads,
                 num_kv_heads=num_kv,
                 head_dim=head_dim,
+                shape_problem=problem,
             )
         )
     return sites

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..layers import PrefixEncoder
 from ..layers._validate import check_int
 from .attention import ATTN_IMPLEMENTATION, enable_ptpeft_attention
+from .hf_save import install_save_pretrained
 from .model_info import AttentionSite, model_family, select_sites
 from .stages import freeze_base
 
@@ -113,10 +114,15 @@ def build_prefix_bank(
 ) -> PrefixBank:
     unknown = [s for s in sites if not s.shape_known]
     if unknown:
-        listed = ", ".join(f"{s.name} ({type(s.module).__name__})" for s in unknown)
+        first = unknown[0]
+        listed = ", ".join(f"{s.name} ({type(s.module).__name__})" for s in unknown[:4])
+        more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
         raise ValueError(
-            f"cannot read the head count / head dim of these attention modules, so their prefix shape is "
-            f"unknown: {listed}; exclude them with a targets regex"
+            f"cannot read the prefix shape (key/value heads x head dim) of {len(unknown)} attention "
+            f"module(s): {listed}{more}. For {first.name}: {first.shape_problem}. Set the values on each "
+            f"such module before apply_prefix (e.g. module.num_heads = Hq; module.num_key_value_heads = Hkv; "
+            f"module.head_dim = D, as the attention call sees them), or leave them out with "
+            f"targets=<regex over module names>"
         )
     groups: dict[str, list[str]] = {}
     shapes: dict[str, tuple[str, int, int]] = {}
@@ -146,6 +152,7 @@ def install_prefix_bank(model: nn.Module, bank: PrefixBank) -> None:
     setattr(model, BANK_ATTR, bank)
     _attach(model, bank)
     enable_ptpeft_attention(model)
+    install_save_pretrained(model)
 
 
 def apply_prefix(

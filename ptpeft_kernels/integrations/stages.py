@@ -1,7 +1,8 @@
 """Which parameters train: ``mark_trainable`` and ``trainable_summary`` over the four kinds.
 
 Kinds: ``prefix`` (the :class:`PrefixBank` at ``model.ptpeft_prefix``), ``lora``
-(``lora_A`` / ``lora_B`` of every :class:`~ptpeft_kernels.LoRALinear`), ``adapter`` (every
+(``lora_A`` / ``lora_B`` of every :class:`~ptpeft_kernels.LoRALinear`, and of PEFT's LoRA
+layers), ``adapter`` (every
 :class:`~ptpeft_kernels.BottleneckAdapter`) and ``base`` (everything else, including a
 LoRA layer's ``base_layer``). PT-PEFT stage 1 trains ``prefix``; stage 2 trains
 ``prefix`` + ``lora`` (or ``adapter``).
@@ -28,6 +29,11 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
             for p in module.parameters():
                 special[id(p)] = "prefix"
         elif isinstance(module, LoRALinear):
+            for p in (*module.lora_A.parameters(), *module.lora_B.parameters()):
+                special[id(p)] = "lora"
+        elif isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+            # PEFT's LoRA layers (one lora_A / lora_B per adapter name): apply_prefix after
+            # get_peft_model must leave them trainable, as it does ours.
             for p in (*module.lora_A.parameters(), *module.lora_B.parameters()):
                 special[id(p)] = "lora"
         elif isinstance(module, BottleneckAdapter):

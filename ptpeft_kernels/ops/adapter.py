@@ -9,6 +9,7 @@ their fake and autograd registrations, and the public function. The Triton kerne
 in ``ops/triton_impl/adapter.py``.
 """
 
+import math
 from functools import partial
 
 import torch
@@ -64,11 +65,7 @@ def _check_args(x, down_weight, down_bias, up_weight, up_bias, activation, scali
     check_same("up_weight", up_weight, "x", x)
     check_activation(activation)
     scaling = check_scalar("scaling", scaling)
-    bottleneck, d_in = down_weight.shape
-    if bottleneck == 0:
-        raise ValueError(
-            f"down_weight must have at least one row (bottleneck >= 1), got {tuple(down_weight.shape)}"
-        )
+    bottleneck, d_in = down_weight.shape  # bottleneck 0 is allowed: the output is the residual (+ up_bias)
     if x.shape[-1] != d_in:
         raise ValueError(
             f"x must end with d_in = {d_in} (down_weight is {tuple(down_weight.shape)}), got {describe(x)}"
@@ -101,11 +98,16 @@ def _check_args(x, down_weight, down_bias, up_weight, up_bias, activation, scali
 # is recomputed from h. The output is written once (addmm into the residual's copy).
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(..., F) -> (tokens, F); ``reshape(-1, F)`` is ambiguous for a tensor with no elements."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 @backends.register(OP, "torch")
 def _torch_forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual):
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     h = torch.addmm(down_bias, x2, down_weight.t()) if down_bias is not None else x2 @ down_weight.t()
-    base = x2 if residual is None else residual.reshape(-1, residual.shape[-1])
+    base = x2 if residual is None else _rows(residual)
     y = torch.addmm(base, activate(h, activation), up_weight.t(), alpha=scaling)
     if up_bias is not None:
         y.add_(up_bias, alpha=scaling)
@@ -117,8 +119,7 @@ def _torch_backward(
     dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs
 ):
     need_x, need_wd, need_bd, need_wu, need_bu = needs
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2, dy2 = _rows(x), _rows(dy)
     dx, dwd, dbd, dwu, dbu = (x.new_empty(0) for _ in range(5))
     if need_wu:
         dwu = (dy2.t() @ activate(h, activation)).mul_(scaling)
@@ -143,6 +144,14 @@ def _torch_backward(
 # ----------------------------------------------------------------------------- custom ops
 
 
+def _backend_for(x: Tensor, down_weight: Tensor, up_weight: Tensor, backend: str) -> str:
+    """Empty dimensions (tokens, d_in, d_out or bottleneck = 0) run the PyTorch path on every backend:
+    its matmuls give them PyTorch's results, while kernel launchers differ on empty grids and the
+    null pointers of empty tensors."""
+    empty = x.numel() == 0 or down_weight.numel() == 0 or up_weight.numel() == 0
+    return "torch" if empty else backend
+
+
 def _forward_impl(
     x: Tensor,
     down_weight: Tensor,
@@ -154,6 +163,10 @@ def _forward_impl(
     residual: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    backend = backends.guarded(
+        OP, _backend_for(x, down_weight, up_weight, backend),
+        x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
+    )
     impl = backends.get_impl(OP, backend)
     return impl(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual)
 
@@ -163,7 +176,7 @@ _adapter_op = torch.library.custom_op("ptpeft::adapter", mutates_args=())(_forwa
 
 @_adapter_op.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual, backend):
-    tokens = x.numel() // x.shape[-1]
+    tokens = math.prod(x.shape[:-1])
     return x.new_empty(*x.shape[:-1], up_weight.shape[0]), x.new_empty(tokens, down_weight.shape[0])
 
 
@@ -181,6 +194,21 @@ def _backward_impl(
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The guard keys the case on the forward's arguments; dy stands in for the residual (same shape).
+    residual = dy if has_residual else None
+    backend = backends.guarded(
+        OP,
+        _backend_for(x, down_weight, up_weight, backend),
+        x,
+        down_weight,
+        down_bias,
+        up_weight,
+        up_bias,
+        activation,
+        scaling,
+        residual,
+        kind="backward",
+    )
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(
         dy, x, down_weight, down_bias, up_weight, up_bias, h, activation, scaling, has_residual, needs

@@ -13,6 +13,7 @@ PyTorch's default generator, so ``torch.manual_seed`` makes runs repeatable) and
 regenerated in the backward instead of being stored.
 """
 
+import math
 from functools import partial
 
 import torch
@@ -81,9 +82,7 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple[fl
         raise ValueError(
             f"x must end with in_features = {in_f} (weight is {tuple(weight.shape)}), got {describe(x)}"
         )
-    rank = lora_A.shape[0]
-    if rank == 0:
-        raise ValueError(f"lora_A must have rank r >= 1 rows, got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]  # 0 is allowed: a plain linear, as PyTorch's matmuls give it
     check_dim("lora_A", lora_A, 1, in_f, "in_features")
     if tuple(lora_B.shape) != (out_f, rank):
         raise ValueError(f"lora_B must be (out_features, r) = {(out_f, rank)}, got {tuple(lora_B.shape)}")
@@ -112,9 +111,14 @@ def _torch_dropout_mask(shape, dropout_p, seed, device):
     return dropout_mask(shape, dropout_p, seed, device) if dropout_p > 0.0 else None
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(..., F) -> (tokens, F); ``reshape(-1, F)`` is ambiguous for a tensor with no elements."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 @backends.register(OP, "torch")
 def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     keep = _torch_dropout_mask(x2.shape, dropout_p, seed, x2.device)
     h = _dropped(x2, dropout_p, keep) @ lora_A.t()
     y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
@@ -125,8 +129,7 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 @backends.register(OP, "torch", kind="backward")
 def _torch_backward(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, needs):
     need_x, need_w, need_b, need_a, need_bb = needs
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2, dy2 = _rows(x), _rows(dy)
     dx, dw, db, da, dbb = (x.new_empty(0) for _ in range(5))
     if need_x or need_a:
         keep = _torch_dropout_mask(x2.shape, dropout_p, seed, x2.device)  # regenerated once, not stored
@@ -152,6 +155,13 @@ def _torch_backward(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, 
 # ----------------------------------------------------------------------------- custom ops
 
 
+def _backend_for(x: Tensor, weight: Tensor, lora_A: Tensor, backend: str) -> str:
+    """Empty dimensions (tokens, in, out or rank = 0) run the PyTorch path on every backend: its matmuls
+    give them PyTorch's results (a bias-only or empty output, zero or empty gradients), while kernel
+    launchers differ on empty grids and the null pointers of empty tensors."""
+    return "torch" if x.numel() == 0 or weight.numel() == 0 or lora_A.shape[0] == 0 else backend
+
+
 def _forward_impl(
     x: Tensor,
     weight: Tensor,
@@ -163,6 +173,8 @@ def _forward_impl(
     seed: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    backend = _backend_for(x, weight, lora_A, backend)
+    backend = backends.guarded(OP, backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     return backends.get_impl(OP, backend)(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -171,7 +183,7 @@ _lora_linear_op = torch.library.custom_op("ptpeft::lora_linear", mutates_args=()
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    tokens = x.numel() // x.shape[-1]
+    tokens = math.prod(x.shape[:-1])
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(tokens, lora_A.shape[0])
 
 
@@ -189,6 +201,10 @@ def _backward_impl(
     needs: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    backend = backends.guarded(
+        OP, _backend_for(x, weight, lora_A, backend), x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+        kind="backward",
+    )
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(dy, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, needs)
 

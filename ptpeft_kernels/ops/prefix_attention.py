@@ -67,8 +67,8 @@ def prefix_attention_ref(
     dtype = torch.float64 if upcast else q.dtype
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
-    groups = hq // hkv
-    scale = d**-0.5 if scale is None else scale
+    groups = hq // hkv if hkv else 1
+    scale = (d**-0.5 if d else 1.0) if scale is None else scale
     keys, values = k.to(dtype), v.to(dtype)
     if prefix_k is not None:
         pk, pv = prefix_k.to(dtype), prefix_v.to(dtype)
@@ -84,6 +84,8 @@ def prefix_attention_ref(
         prefix_visible = torch.ones(1, 1, 1, num_prefix, dtype=torch.bool, device=q.device)
         visible = torch.cat([prefix_visible.expand(*visible.shape[:3], -1), visible], dim=-1)
         scores = scores.masked_fill(~visible, float("-inf"))
+    if scores.shape[-1] == 0:  # no keys at all (M = P = 0): zeros, as for a query that sees nothing
+        return torch.matmul(scores, values).to(q.dtype)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
@@ -112,7 +114,7 @@ def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> tuple[
     hkv, m = k.shape[1], k.shape[2]
     if k.shape[3] != d:
         raise ValueError(f"k and v head dim must equal q's head dim {d}, got {k.shape[3]}")
-    if hkv == 0 or hq % hkv != 0:
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
         raise ValueError(f"q heads must be a multiple of k/v heads (Hq % Hkv == 0), got Hq={hq}, Hkv={hkv}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
@@ -121,7 +123,8 @@ def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> tuple[
             f"causal=True needs at least as many keys as queries (M >= N, bottom-right aligned), "
             f"got N={n}, M={m}"
         )
-    scale = d**-0.5 if scale is None else check_scalar("scale", scale, low=0.0, low_open=True)
+    default_scale = d**-0.5 if d else 1.0  # D = 0: the output is empty whatever the scale
+    scale = default_scale if scale is None else check_scalar("scale", scale, low=0.0, low_open=True)
 
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_k and prefix_v must be given together (both None or both tensors)")
@@ -481,6 +484,22 @@ def _dense(t: Tensor) -> Tensor:
     )
 
 
+# Empty dimensions are settled here, before any backend: PyTorch's fused CPU attention kernel
+# divides by N (SIGFPE, the process dies, at N = 0), and kernel launchers differ on empty grids and
+# the null pointers of empty tensors. No queries (B, Hq, N or D = 0) or no keys at all (M = P = 0):
+# the output is all zeros (a query that sees nothing outputs zeros) and so is every gradient.
+# Prefix keys only (M = 0): the PyTorch path, on every backend.
+
+
+def _nothing_to_attend(q: Tensor, k: Tensor, prefix_k: Tensor | None) -> bool:
+    no_prefix = prefix_k is None or prefix_k.shape[-2] == 0
+    return q.numel() == 0 or (k.shape[2] == 0 and no_prefix)
+
+
+def _backend_for(k: Tensor, backend: str) -> str:
+    return "torch" if k.shape[2] == 0 else backend
+
+
 def _forward_impl(
     q: Tensor,
     k: Tensor,
@@ -492,6 +511,12 @@ def _forward_impl(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    if _nothing_to_attend(q, k, prefix_k):
+        acc = _acc_dtype(q.dtype)
+        return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=acc)
+    backend = backends.guarded(
+        OP, _backend_for(k, backend), q, k, v, prefix_k, prefix_v, attn_mask, causal, scale
+    )
     out, lse = backends.get_impl(OP, backend)(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     return out, lse
 
@@ -530,6 +555,15 @@ def _backward_impl(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if _nothing_to_attend(q, k, prefix_k):  # a constant (empty or zero) output: every gradient is zero
+        if prefix_k is None:  # two distinct tensors: custom-op outputs may not alias each other
+            dpk, dpv = q.new_empty(0), q.new_empty(0)
+        else:
+            dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dpk, dpv
+    backend = backends.guarded(
+        OP, _backend_for(k, backend), q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, kind="backward"
+    )
     impl = backends.get_impl(OP, backend, kind="backward")
     return impl(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale)
 

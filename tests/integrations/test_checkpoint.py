@@ -106,12 +106,18 @@ def test_layer_count_and_shape_mismatches_are_refused(tmp_path):
     cfg = tiny_model("llama").config.to_dict()
     cfg.update(num_hidden_layers=1)
     one_layer = LlamaForCausalLM(LlamaConfig(**cfg))
-    with pytest.raises(ValueError, match="lacks.*layer count or architecture differs"):
+    with pytest.raises(
+        ValueError,
+        match=r"model has 2 attention modules, LlamaForCausalLM has 1; first difference: the model has "
+        r"fewer: the checkpoint's model\.layers\.1\.self_attn \(4 heads, 2 key/value heads of dim 8\)",
+    ):
         pk.load_adapters(one_layer, tmp_path)
     cfg.update(num_hidden_layers=2, num_key_value_heads=4)
     more_heads = LlamaForCausalLM(LlamaConfig(**cfg))
     with pytest.raises(
-        ValueError, match="has 4 key/value heads of dim 8 in the model, the checkpoint has 2 x 8"
+        ValueError,
+        match=r"attention module 0 is model\.layers\.0\.self_attn \(4 heads, 4 key/value heads of dim 8\) "
+        r"in the model, model\.layers\.0\.self_attn \(4 heads, 2 key/value heads of dim 8\) saved",
     ):
         pk.load_adapters(more_heads, tmp_path)
     other_prefix = pk.apply_prefix(base_model("llama"), num_prefix=5, reparam_hidden=16)
@@ -169,3 +175,90 @@ def test_save_and_load_argument_errors(tmp_path):
         pk.load_adapters(base_model("llama"), tmp_path)
     with pytest.raises(TypeError, match="model must be a torch nn.Module"):
         pk.load_adapters("llama", tmp_path)
+
+
+# ----------------------------------------------------------------------------- checkpoints of another depth
+
+
+def _deeper(family: str, layers: int = 3):
+    """The tiny ``family`` model with ``layers`` language-model layers instead of 2."""
+    import copy as _copy
+
+    config = _copy.deepcopy(base_model(family).config)
+    text = getattr(config, "text_config", config)
+    text.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return type(base_model(family))(config).eval()
+
+
+def _structures(model):
+    return (
+        getattr(model, "ptpeft_prefix", None) is not None,
+        any(isinstance(m, pk.LoRALinear) for m in model.modules()),
+        any(isinstance(m, pk.BottleneckAdapter) for m in model.modules()),
+    )
+
+
+@pytest.mark.parametrize("setup", ["prefix", "lora", "adapter", "prefix+lora"])
+def test_a_checkpoint_from_a_shallower_model_is_refused_before_anything_changes(setup, tmp_path):
+    """Issue 15 item 3: a 2-layer LLaVA checkpoint loaded silently into a 3-layer one (layer 2: nothing)."""
+    model = base_model("llava")
+    if "prefix" in setup:
+        pk.apply_prefix(model, num_prefix=2, reparam_hidden=8)
+    if "lora" in setup:
+        pk.apply_lora(model, r=2, alpha=4)
+    if setup == "adapter":
+        pk.apply_adapter(model, bottleneck=2)
+    pk.save_adapters(model, tmp_path)
+    deeper = _deeper("llava")
+    with pytest.raises(
+        ValueError,
+        match=r"model has 4 attention modules, LlavaForConditionalGeneration has 5; first difference: the "
+        r"model has more: its attention module model\.language_model\.layers\.2\.self_attn \(4 heads",
+    ):
+        pk.load_adapters(deeper, tmp_path)
+    assert _structures(deeper) == (False, False, False)  # refused before adding anything
+    pk.load_adapters(base_model("llava"), tmp_path)  # the model it came from still takes it
+
+
+def test_checkpoints_without_a_site_list_are_checked_by_count(tmp_path):
+    pk.save_adapters(pk.apply_prefix(base_model("llama"), num_prefix=2, reparam_hidden=8), tmp_path)
+    config = json.loads((tmp_path / ckpt.CONFIG_NAME).read_text())
+    del config["attention_sites"]  # as written before the list was saved
+    (tmp_path / ckpt.CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match="the checkpoint's model has 2 attention modules, LlamaForCausalLM has 3"
+    ):
+        pk.load_adapters(_deeper("llama"), tmp_path)
+
+
+def test_lora_module_widths_are_checked_before_lora_is_added(tmp_path):
+    model = pk.apply_prefix(base_model("llama"), num_prefix=2, reparam_hidden=8)
+    pk.save_adapters(pk.apply_lora(model, r=2, alpha=4, target_modules=["gate_proj"]), tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = tiny_model("llama").config.to_dict()
+    cfg.update(intermediate_size=48)  # same attention, wider MLP
+    wider = LlamaForCausalLM(LlamaConfig(**cfg))
+    with pytest.raises(
+        ValueError,
+        match=r"LoRA module model\.layers\.0\.mlp\.gate_proj is 32 -> 64 in the "
+        r"checkpoint but 32 -> 48 in the model",
+    ):
+        pk.load_adapters(wider, tmp_path)
+    assert _structures(wider) == (False, False, False)
+
+
+def test_a_peft_lora_checkpoint_from_a_shallower_model_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    shallow = peft.get_peft_model(
+        base_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
+    shallow.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"target_modules .* select 2 module\(s\) of LlamaForCausalLM the checkpoint has no LoRA "
+        r"weights for, first model\.layers\.2\.self_attn\.q_proj",
+    ):
+        pk.load_adapters(_deeper("llama"), tmp_path)
+    pk.load_adapters(base_model("llama"), tmp_path)

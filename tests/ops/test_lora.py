@@ -147,7 +147,6 @@ BAD = [
     ("x int", dict(x=torch.ones(3, 8, dtype=torch.int32)), TypeError, "x must have a floating dtype"),
     ("x features", dict(x=torch.randn(3, 7)), ValueError, "in_features = 8"),
     ("weight ndim", dict(weight=torch.randn(6, 8, 1)), ValueError, "weight must be 2-D"),
-    ("A rank 0", dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), ValueError, "rank r >= 1"),
     ("A features", dict(lora_A=torch.randn(2, 5)), ValueError, "lora_A must have in_features"),
     ("B shape", dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B must be (out_features, r)"),
     ("bias size", dict(bias=torch.randn(5)), ValueError, "bias must have out_features"),
