@@ -254,10 +254,11 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
 @contextlib.contextmanager
 def _stop_on_lost_workers() -> Iterator[None]:
     """A SIGTERM to the whole process group also ends the DataLoader's workers; the loader then
-    raises a RuntimeError here, which is the requested stop (nothing to save: not yet cached)."""
+    raises here (RuntimeError, or EOFError mid-transfer), which is the requested stop (nothing
+    to save: not yet cached)."""
     try:
         yield
-    except RuntimeError:
+    except Exception:
         interrupt.check("while pre-training the built-in model (it is cached only when complete)")
         raise
 

@@ -245,7 +245,7 @@ class Trainer:
                 batch = next(batches)
             except StopIteration:
                 break
-            except RuntimeError:  # its workers ended by a SIGTERM to the process group
+            except Exception:  # its workers ended by a SIGTERM to the process group (see _train_stage)
                 if self.dist.enabled or interrupt.requested() is None:
                     raise
                 interrupt.check("during an evaluation")
@@ -581,10 +581,12 @@ class Trainer:
         for step in range(first, steps):
             try:
                 micro = next(batches)
-            except RuntimeError:
+            except Exception:
                 # A SIGTERM to the whole process group ends the loader's workers too; waiting for a
-                # batch, this process learns it here, between two steps. Single process only: under
-                # torchrun the ranks must agree on the step (see _stop_requested).
+                # batch, this process learns it here, between two steps: RuntimeError "worker exited
+                # unexpectedly", or EOFError when the worker ended while handing over a batch's shared
+                # memory (seen in a test run). Single process only: under torchrun the ranks must
+                # agree on the step (see _stop_requested).
                 signum = interrupt.requested()
                 if signum is None or dist.enabled:
                     raise
