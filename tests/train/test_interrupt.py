@@ -78,6 +78,8 @@ def test_signal_checkpoints_the_finished_step_and_resumes(tmp_path, uninterrupte
     assert last < STEPS and (run / "checkpoints" / "latest").read_text().strip() == f"step-{last:07d}"
     # One plain progress line per interval, not a redrawn bar.
     assert "evaluating: 1/1 (100%)" in err and f"lora: {last}/{STEPS}" in err, err[-3000:]
+    if signum == signal.SIGTERM:
+        return  # the resume after it is the same code path, checked once (test time)
     report = train(["--resume", str(run), "--quiet"])
     assert report["complete"] and report["global_steps"] == STEPS
     resumed = _train_losses(run)
@@ -93,7 +95,7 @@ def test_a_stop_between_training_and_evaluation_keeps_the_stage(tmp_path, tiny_a
     from ptpeft_kernels.train import interrupt
     from ptpeft_kernels.train.loop import Trainer
 
-    args = [*TINY, "--method", "pt-lora", "--steps", "4", "--rank-samples", "2", "--save-every", "0"]
+    args = [*TINY, "--method", "pt-lora", "--steps", "2", "--rank-samples", "2", "--save-every", "0"]
     plain = train([*args, "--output-dir", str(tmp_path / "plain")])
     save_output = Trainer._save_stage_output
 
@@ -107,10 +109,10 @@ def test_a_stop_between_training_and_evaluation_keeps_the_stage(tmp_path, tiny_a
     with pytest.raises(interrupt.Interrupted, match="stage stage1-prefix had finished training") as e:
         train([*args, "--output-dir", str(run)])
     assert e.value.exit_code == 143
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000001"
     monkeypatch.undo()
     report = train(["--resume", str(run), "--quiet"])
-    assert report["complete"] and [s["steps"] for s in report["stages"]] == [2, 2]
+    assert report["complete"] and [s["steps"] for s in report["stages"]] == [1, 1]
     for got, want in zip(report["stages"], plain["stages"], strict=True):
         assert got["scores"] == pytest.approx(want["scores"], rel=1e-6)
         assert got["representation"]["cka"] == pytest.approx(want["representation"]["cka"], abs=1e-5)
