@@ -103,7 +103,18 @@ _OWNED = {
     "--model": "reproduce's own --model, before '--' (it picks the recipe set)",
 }
 # Config keys that may differ between a run on disk and the requested one without changing its results.
-_IGNORED_KEYS = {"output_dir", "quiet", "cache_dir", "threads", "num_workers", "save_every", "log_every"}
+# "extra": the driver's bookkeeping (the budget options as typed, resume notes), implied by the
+# compared keys; configs written before it existed hold none.
+_IGNORED_KEYS = {
+    "output_dir",
+    "quiet",
+    "cache_dir",
+    "threads",
+    "num_workers",
+    "save_every",
+    "log_every",
+    "extra",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

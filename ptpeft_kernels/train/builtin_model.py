@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
+from .._progress import progress
+from . import interrupt, synthetic
 from . import minilm as _minilm  # noqa: F401 - registers the MiniLM preset's model type with transformers
-from . import synthetic
 from .data import Collator, caption_examples, load_captions, load_vqa, model_inputs
 from .models import Family, end_text, write_train_meta
 
@@ -80,11 +81,36 @@ class BuiltinSpec:
     language_model: str = "scratch"
 
     def key(self) -> str:
-        fields = asdict(self)
-        if fields["language_model"] == "scratch":
-            del fields["language_model"]  # the keys of caches built before the field existed stay valid
-        blob = json.dumps({"recipe": RECIPE_VERSION, **fields}, sort_keys=True)
+        blob = json.dumps({"recipe": RECIPE_VERSION, **asdict(self), **build_environment()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Pre-training runs at this many torch threads whatever --threads says: the thread count changes
+# the float rounding of the CPU kernels (tiny preset, 30 steps: weights 6e-6 apart at 1 vs 2
+# threads), and over 1,200 steps such differences grow into another model. One thread is also
+# what the README's figures were measured with.
+PRETRAIN_THREADS = 1
+
+
+def build_environment() -> dict[str, str]:
+    """What besides the spec decides the pre-trained weights bit for bit: the library versions
+    that draw the images, tokenise, preprocess and compute, and the instruction set torch's CPU
+    kernels use (AVX2 and AVX-512 kernels round differently). Part of the cache key, so a cache
+    built by another install is never taken for this one's."""
+    import numpy
+    import PIL
+    import tokenizers
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "pillow": PIL.__version__,
+        "numpy": numpy.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "pretrain_threads": str(PRETRAIN_THREADS),
+    }
 
 
 PRESETS: dict[str, BuiltinSpec] = {
@@ -273,6 +299,18 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@contextlib.contextmanager
+def _stop_on_lost_workers() -> Iterator[None]:
+    """A SIGTERM to the whole process group also ends the DataLoader's workers; the loader then
+    raises here (RuntimeError, or EOFError mid-transfer), which is the requested stop (nothing
+    to save: not yet cached)."""
+    try:
+        yield
+    except Exception:
+        interrupt.check("while pre-training the built-in model (it is cached only when complete)")
+        raise
+
+
 def pretrain(
     model,
     processor,
@@ -283,8 +321,6 @@ def pretrain(
     num_workers: int = 1,
 ) -> list[float]:
     """Train every parameter on the pre-training distribution; returns the loss per step."""
-    from tqdm.auto import tqdm
-
     split = data.splits["train"]
     records, _ = load_captions(data.karpathy, data.image_dir, "train")
     examples = caption_examples(records, BUILTIN_FAMILY.caption_prompt, train=True)
@@ -310,34 +346,36 @@ def pretrain(
         collate_fn=lambda idx: collate([examples[i] for i in idx]),
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(spec.seed),
+        worker_init_fn=interrupt.init_worker,
     )
     params = trainable_in_pretraining(model, spec)
     opt = torch.optim.AdamW(params, lr=spec.pretrain_lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, spec.pretrain_steps // 20)
     losses = []
     model.train()
-    with _seeded(spec.seed):
-        bar = tqdm(
-            total=spec.pretrain_steps,
-            desc="pre-training the built-in model",
-            disable=quiet,
-            dynamic_ncols=True,
-        )
-        for step, batch in enumerate(loader):
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, spec.pretrain_steps, spec.pretrain_lr, warmup)
-            loss = model(**model_inputs(batch, "cpu")).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"built-in pre-training: loss is {loss.item()} at step {step}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        bar.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PRETRAIN_THREADS)
+    try:
+        with _seeded(spec.seed), _stop_on_lost_workers():
+            bar = progress(total=spec.pretrain_steps, desc="pre-training the built-in model", disable=quiet)
+            for step, batch in enumerate(loader):
+                interrupt.check("while pre-training the built-in model (it is cached only when complete)")
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, spec.pretrain_steps, spec.pretrain_lr, warmup)
+                loss = model(**model_inputs(batch, "cpu")).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"built-in pre-training: loss is {loss.item()} at step {step}")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.close()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     for p in model.parameters():  # a saved model carries no frozen flags; the driver sets its own
         p.requires_grad_(True)
@@ -483,6 +521,7 @@ def _build(root: Path, spec: BuiltinSpec, *, quiet: bool) -> None:
                 "spec": asdict(spec),
                 "pretrain_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
                 "pretrain_seconds": round(time.perf_counter() - t0, 1),
+                "environment": build_environment(),
             },
             indent=2,
         )

@@ -205,3 +205,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
     if not path.is_dir():
         raise ValueError(f"--resume: {pointer} names {name}, which does not exist")
     return Checkpoint(path)
+
+
+def read_latest_state(run_dir: str | os.PathLike) -> dict | None:
+    """The ``state.json`` of the newest checkpoint of ``run_dir`` (``None``: no checkpoint yet),
+    without loading its tensors."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    state_file = pointer.parent / pointer.read_text().strip() / "state.json"
+    try:
+        return json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--resume: checkpoint state {state_file} is unreadable ({exc})") from None

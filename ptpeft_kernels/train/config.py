@@ -106,6 +106,7 @@ class RunConfig:
     log_every: int
     quiet: bool
     threads: int = 0
+    holdout: float | None = None
     # Representation measures (issue 11); defaults keep config.json files of older runs loadable.
     rank_length: int = 128
     rank_fill: str = "repeat"
@@ -124,8 +125,8 @@ class RunConfig:
     @classmethod
     def from_json(cls, data: dict, source: str = "config.json") -> RunConfig:
         names = {f.name for f in fields(cls)}
-        optional = ("threads", "fail_at_step", "kill_at_step", "extra", "rank_length", "rank_bootstrap")
-        optional += ("rank_pretrain_captions", "rank_pretrain_image_dir", "rank_fill")
+        optional = ("threads", "holdout", "fail_at_step", "kill_at_step", "extra", "rank_length")
+        optional += ("rank_bootstrap", "rank_pretrain_captions", "rank_pretrain_image_dir", "rank_fill")
         missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ValueError(f"{source}: missing keys {sorted(missing)}")
@@ -282,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-captions",
         default=None,
         metavar="FILE",
-        help="COCO captions_*.json to evaluate on (default: --captions, with --eval-split for a "
-        "Karpathy file)",
+        help="captions file to evaluate on: a COCO captions_*.json, or a Karpathy file (its --eval-split). "
+        "Default: --eval-split of a Karpathy --captions file; a COCO --captions file needs this or "
+        "--holdout",
     )
     g.add_argument(
         "--train-split",
@@ -296,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--questions", default=None, metavar="FILE", help="VQAv2 training questions JSON")
     g.add_argument("--annotations", default=None, metavar="FILE", help="VQAv2 training annotations JSON")
-    g.add_argument("--val-questions", default=None, metavar="FILE", help="VQAv2 evaluation questions JSON")
+    g.add_argument(
+        "--val-questions",
+        default=None,
+        metavar="FILE",
+        help="VQAv2 evaluation questions JSON (with --questions: required unless --holdout is given)",
+    )
     g.add_argument(
         "--val-annotations", default=None, metavar="FILE", help="VQAv2 evaluation annotations JSON"
     )
@@ -321,10 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
         "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg, then the file directly)",
     )
     g.add_argument(
+        "--holdout",
+        type=_open_fraction,
+        default=None,
+        metavar="F",
+        help="evaluate on a fraction F of the training file's images, held out of training (for a COCO "
+        "captions_*.json or VQAv2 pair without --val-captions / --val-questions; chosen by a hash of the "
+        "image file name, the same for every --seed). Without it such a run stops: it would score the "
+        "examples it trains on",
+    )
+    g.add_argument(
         "--skip-missing",
+        "--skip-bad-images",
+        dest="skip_missing",
         action="store_true",
-        help="skip records whose image file is missing (counted in report.json) instead of "
-        "stopping with an error that names the file and the record",
+        help="skip records whose image file is missing or unreadable (corrupt, truncated, not an image; "
+        "every image is decoded once before training), counted in report.json, instead of stopping "
+        "with an error that names every such file",
     )
     g.add_argument(
         "--max-train-samples",
@@ -566,8 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         default=None,
         metavar="DIR",
-        help="continue the run in DIR from its last checkpoint with its saved config.json "
-        "(other options are ignored except --quiet)",
+        help="continue the run in DIR from its last checkpoint with its saved config.json. Options given "
+        "with it: --quiet, --num-workers, --threads, --save-every, --log-every and --skip-missing are "
+        "applied; the budget (--steps, --epochs, --stage*-steps/-epochs/-lr) may change for stages not "
+        "started yet; any other option that differs from config.json stops the run, naming it",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and dropout")
     g.add_argument(
@@ -580,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16", "float16"),
-        help="dtype the model weights are loaded in (added parameters stay float32)",
+        help="dtype the model weights are loaded in (added parameters stay float32; float16 needs a GPU)",
     )
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast on the GPU (ignored on the CPU)")
     g.add_argument(
@@ -601,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="torch CPU threads (0: auto = 1 for the built-in model on the CPU: its matrices are small, and "
         "two threads slow down badly when other processes share the cores; --threads 2 is about 1.5x faster "
-        "on an idle two-core machine. Otherwise torch's default)",
+        "on an idle two-core machine. Otherwise torch's default). The built-in model's pre-training always "
+        "runs at 1: the thread count changes its weights",
     )
     g.add_argument(
         "--save-every",
@@ -613,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bars or per-stage messages (the final table and errors still print)",
+        help="no progress output or per-stage messages (the final table and errors still print). "
+        "Where stderr is not a terminal, progress is one plain line per tenth of a loop or per 30 s",
     )
     g.add_argument(
         "--fail-at-step",
@@ -637,6 +661,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------- resolution
+
+# Options naming files or folders: stored absolute in config.json.
+PATH_OPTIONS = (
+    "model",
+    "cache_dir",
+    "captions",
+    "val_captions",
+    "questions",
+    "annotations",
+    "val_questions",
+    "val_annotations",
+    "image_dir",
+    "val_image_dir",
+    "rank_pretrain_captions",
+    "rank_pretrain_image_dir",
+    "output_dir",
+)
+# Options that fix the stage plan (steps, epochs and learning rate of each stage).
+BUDGET_OPTIONS = (
+    "steps",
+    "epochs",
+    "stage1_fraction",
+    "stage1_steps",
+    "stage2_steps",
+    "stage1_epochs",
+    "stage2_epochs",
+    "lr",
+    "stage1_lr",
+    "stage2_lr",
+)
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute against the current directory (``~`` expanded), not resolving links."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _stage_plan(a: argparse.Namespace) -> list[StagePlan]:
@@ -731,8 +790,23 @@ def resolve(a: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--vqa-prompt must contain {{question}}, got {a.vqa_prompt!r}")
     if a.fail_at_step is not None and a.kill_at_step is not None:
         raise ValueError("--fail-at-step and --kill-at-step are separate testing aids; give one")
+    if a.holdout is not None:
+        if a.val_captions is not None or a.val_questions is not None:
+            raise ValueError(
+                "--holdout and --val-captions / --val-questions both choose the evaluation examples; give one"
+            )
+        if a.captions is None and a.questions is None:
+            raise ValueError(
+                "--holdout splits a --captions or --questions file; the built-in task has its own "
+                "evaluation split (--eval-split)"
+            )
     output_dir = a.output_dir or os.path.join("runs", f"{a.method}-{a.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     max_new = a.max_new_tokens or (40 if a.task == "caption" else 10)
+    # Absolute paths: a --resume from another working directory must find the same files.
+    for name in PATH_OPTIONS:
+        if getattr(a, name) is not None:
+            setattr(a, name, absolute_path(getattr(a, name)))
+    output_dir = absolute_path(output_dir)
     return RunConfig(
         method=a.method,
         task=a.task,
@@ -797,8 +871,12 @@ def resolve(a: argparse.Namespace) -> RunConfig:
         log_every=a.log_every,
         quiet=a.quiet,
         threads=a.threads,
+        holdout=a.holdout,
         fail_at_step=a.fail_at_step,
         kill_at_step=a.kill_at_step,
+        # The budget options as given (the stage plan alone cannot tell --steps from --stage1-steps),
+        # so that --resume can recompute the plan with a changed budget.
+        extra={"budget": {k: getattr(a, k) for k in BUDGET_OPTIONS}},
     )
 
 

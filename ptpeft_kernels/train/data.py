@@ -17,7 +17,8 @@ Formats (exactly those of the public releases):
 
 Malformed files raise ``ValueError`` naming the file and the missing key; a missing image
 raises ``FileNotFoundError`` naming the image and its record unless ``skip_missing`` is set,
-in which case the record is dropped and counted (``.missing``).
+in which case the record is dropped and counted (``.missing``). Whether the images that exist
+can be decoded is checked separately, for every image of a run at once (:mod:`.images`).
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ class _MissingImages:
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
+def is_karpathy(data: Any) -> bool:
+    """A Karpathy ``dataset_coco.json`` keeps its captions (and a ``split`` field) inside each
+    image; a COCO ``captions_*.json`` keeps them under a top-level ``annotations`` list."""
+    return isinstance(data, dict) and "annotations" not in data
+
+
 def load_captions(
     path: str | os.PathLike,
     image_dir: str | os.PathLike,
@@ -131,22 +138,24 @@ def load_captions(
     *,
     skip_missing: bool = False,
     what: str = "--captions",
+    data: Any = None,
 ) -> tuple[list[tuple[str, list[str], int]], list[str]]:
     """Read a Karpathy ``dataset_coco.json`` (``split`` selects train/val/test) or a COCO
-    ``captions_*.json`` (the whole file; ``split`` ignored).
+    ``captions_*.json`` (the whole file; ``split`` ignored). ``data``: the file's parsed JSON,
+    when the caller has read it already.
 
     Returns ``([(image_path, captions, image_id)], missing_records)``.
     """
     path = Path(path)
     image_dir = Path(image_dir)
-    data = read_json(path, what)
+    if data is None:
+        data = read_json(path, what)
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {path} must hold a JSON object, got {type(data).__name__}")
     images = _list(data, "images", path, "the top level")
     missing = _MissingImages(skip_missing)
     out: list[tuple[str, list[str], int]] = []
-    # A COCO captions file keeps its captions under "annotations"; a Karpathy file inside each image.
-    if "annotations" not in data:
+    if is_karpathy(data):
         if split is not None and split not in KARPATHY_SPLITS:
             raise ValueError(f"split must be one of {sorted(KARPATHY_SPLITS)} for {path}, got {split!r}")
         wanted = KARPATHY_SPLITS[split] if split else None
@@ -223,8 +232,16 @@ def load_vqa(
     annotations = _list(adata, "annotations", apath, "the top level")
     subtype = qdata.get("data_subtype", "") if isinstance(qdata, dict) else ""
     by_qid: dict[Any, dict] = {}
+    first_at: dict[Any, int] = {}
     for j, a in enumerate(annotations):
-        by_qid[_get(a, "question_id", apath, f"annotations[{j}]")] = a
+        qid = _get(a, "question_id", apath, f"annotations[{j}]")
+        if qid in by_qid:
+            # The later one would silently replace the earlier one's answers.
+            raise ValueError(
+                f"{apath}: question_id {qid!r} is annotated twice (annotations[{first_at[qid]}] and "
+                f"annotations[{j}]); keep one"
+            )
+        by_qid[qid], first_at[qid] = a, j
     missing = _MissingImages(skip_missing)
     out: list[Example] = []
     for i, q in enumerate(questions):
@@ -264,9 +281,23 @@ def load_vqa(
 # ----------------------------------------------------------------------------------- collation
 
 
+class UnreadableImageError(ValueError):
+    """An image file exists but cannot be opened or decoded (corrupt, truncated, not an image)."""
+
+
 def load_image(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """The image at ``path`` as RGB; a file PIL cannot read raises :class:`UnreadableImageError`
+    naming it (PIL's own message for a truncated JPEG does not)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImageError(
+            f"cannot read image {path}: {type(exc).__name__}: {exc} (the run checks every image before "
+            "training; this file changed since, or the check was skipped)"
+        ) from None
 
 
 class Collator:

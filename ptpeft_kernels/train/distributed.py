@@ -55,9 +55,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of ``value`` over processes, on ``value``'s device (NCCL reduces on the GPU only)."""
     if info.enabled:
-        value = value.clone()
+        home = value.device
+        value = value.to(info.device, copy=True)
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value.to(home)
     return value
 
 

@@ -21,20 +21,22 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .._progress import progress
 from . import distributed as D
+from . import interrupt
 from .checkpoint import Checkpoint, atomic_write_text, latest_checkpoint, save_checkpoint
 from .config import RunConfig, StagePlan, stage_steps
-from .data import Collator, Example, caption_examples, load_captions, load_vqa, model_inputs
+from .data import Collator, Example, model_inputs
 from .metrics import PRIMARY_METRIC, task_scores
 from .models import Family, end_text, fingerprint, fingerprint_mismatch
 from .report import MetricsLog, plot_losses, read_metrics, write_report
+from .rundata import RunData, load_run_data
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,88 +48,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------- data
-
-
-@dataclass
-class RunData:
-    train: list[Example]
-    eval: list[Example]
-    missing_train: list[str] = field(default_factory=list)
-    missing_eval: list[str] = field(default_factory=list)
-    description: str = ""
-    # Samples of the model's pre-training distribution, measured beside the downstream ones.
-    rank_pretrain: list[Example] = field(default_factory=list)
-
-
-def load_run_data(cfg: RunConfig, family: Family, builtin_files: dict | None) -> RunData:
-    """Training and evaluation examples of the configured task (the built-in task's files by default)."""
-    files = builtin_files or {}
-    image_dir = cfg.image_dir or files.get("image_dir")
-    val_image_dir = cfg.val_image_dir or image_dir
-    if cfg.task == "caption":
-        prompt = cfg.caption_prompt or family.caption_prompt
-        captions = cfg.captions or files.get("karpathy")
-        train_recs, miss_t = load_captions(
-            captions, image_dir, cfg.train_split, skip_missing=cfg.skip_missing, what="--captions"
-        )
-        if cfg.val_captions:
-            eval_recs, miss_e = load_captions(
-                cfg.val_captions, val_image_dir, None, skip_missing=cfg.skip_missing, what="--val-captions"
-            )
-        else:
-            eval_recs, miss_e = load_captions(
-                captions, val_image_dir, cfg.eval_split, skip_missing=cfg.skip_missing, what="--captions"
-            )
-        train = caption_examples(train_recs, prompt, train=True)
-        evals = caption_examples(eval_recs, prompt, train=False)
-        desc = f"captions {captions}"
-    else:
-        prompt = cfg.vqa_prompt or family.vqa_prompt
-        q = cfg.questions or files.get("train_questions")
-        a = cfg.annotations or files.get("train_annotations")
-        if cfg.val_questions:
-            vq, va = cfg.val_questions, cfg.val_annotations
-        elif cfg.questions:
-            vq, va = cfg.questions, cfg.annotations
-        else:
-            vq, va = files.get(f"{cfg.eval_split}_questions"), files.get(f"{cfg.eval_split}_annotations")
-        train, miss_t = load_vqa(
-            q, a, image_dir, prompt=prompt, image_pattern=cfg.image_pattern, skip_missing=cfg.skip_missing
-        )
-        evals, miss_e = load_vqa(
-            vq,
-            va,
-            val_image_dir,
-            prompt=prompt,
-            image_pattern=cfg.image_pattern,
-            skip_missing=cfg.skip_missing,
-            what=("--val-questions", "--val-annotations")
-            if cfg.val_questions
-            else ("--questions", "--annotations"),
-        )
-        desc = f"VQA {q}"
-    if cfg.max_train_samples:
-        train = train[: cfg.max_train_samples]
-    if cfg.max_eval_samples:
-        evals = evals[: cfg.max_eval_samples]
-    if not train:
-        raise ValueError(f"no training examples in {desc} (split {cfg.train_split!r})")
-    if not evals:
-        raise ValueError(f"no evaluation examples in {desc} (split {cfg.eval_split!r})")
-    return RunData(train, evals, miss_t, miss_e, desc, _rank_pretrain_examples(cfg, family, files, image_dir))
-
-
-def _rank_pretrain_examples(cfg: RunConfig, family: Family, files: dict, image_dir: Any) -> list[Example]:
-    """The first --rank-samples captions of the pre-training distribution (none when unknown)."""
-    path = cfg.rank_pretrain_captions or files.get("pretrain_karpathy")
-    if not path or not cfg.rank_samples:
-        return []
-    img = cfg.rank_pretrain_image_dir or (
-        image_dir if cfg.rank_pretrain_captions else files["pretrain_image_dir"]
-    )
-    recs, _ = load_captions(path, img, "train", what="--rank-pretrain-captions")
-    prompt = cfg.caption_prompt or family.caption_prompt
-    return caption_examples(recs[: cfg.rank_samples], prompt, train=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -275,6 +195,7 @@ class Trainer:
         self.autocast = cfg.bf16 and dist.device.type == "cuda"
         tok = getattr(processor, "tokenizer", processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.scored = 0  # examples scored by the latest evaluation
 
     # ------------------------------------------------------------------ helpers
 
@@ -299,8 +220,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], dict[Any, str]]:
         """Generate for this process's share of the evaluation set; score on every process."""
-        from tqdm.auto import tqdm
-
         model = self.model
         model.eval()
         mine = self.data.eval[self.dist.rank :: self.dist.world_size]
@@ -311,11 +230,25 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
             collate_fn=self.gen_collator,
             num_workers=self.cfg.num_workers,
+            worker_init_fn=interrupt.init_worker,
         )
         tok = getattr(self.processor, "tokenizer", self.processor)
         preds: dict[Any, str] = {}
-        bar = tqdm(loader, desc="evaluating", disable=not self.show, leave=False, dynamic_ncols=True)
-        for batch in bar:
+        bar = progress(loader, desc="evaluating", disable=not self.show, leave=False)
+        batches = iter(bar)
+        while True:
+            # Under torchrun the ranks stop together at the next training step instead: one rank
+            # leaving the evaluation alone would leave the others waiting in the gather below.
+            if not self.dist.enabled:
+                interrupt.check("during an evaluation")
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:  # its workers ended by a SIGTERM to the process group (see _train_stage)
+                if self.dist.enabled or interrupt.requested() is None:
+                    raise
+                interrupt.check("during an evaluation")
             inputs = model_inputs(batch, self.dist.device)
             with self._autocast():
                 out = model.generate(
@@ -333,6 +266,11 @@ class Trainer:
         gathered: dict[Any, str] = {}
         for part in D.gather_objects(preds, self.dist):
             gathered.update(part)
+        if len(gathered) != len(self.data.eval):  # ids are checked unique when the data is loaded
+            raise RuntimeError(
+                f"{len(gathered)} predictions for {len(self.data.eval)} evaluation examples: ids collided"
+            )
+        self.scored = len(gathered)
         refs = {e.key: list(e.references) for e in self.data.eval}
         return task_scores(self.cfg.task, gathered, refs), gathered
 
@@ -456,6 +394,31 @@ class Trainer:
         )
         D.barrier(self.dist)
 
+    def _stop_requested(self) -> int | None:
+        """The signal that asks this run to stop, agreed by every process (``None``: go on)."""
+        local = interrupt.requested()
+        if not self.dist.enabled:
+            return local
+        votes = D.all_sum(
+            torch.tensor([1.0 if local else 0.0, float(local or 0)], dtype=torch.float64), self.dist
+        )
+        if votes[0] == 0:
+            return None
+        return local or int(round(float(votes[1] / votes[0])))
+
+    def _interrupted(self, signum: int, what: str) -> interrupt.Interrupted:
+        """The exception that ends the run after a checkpoint was written on a signal."""
+        latest = self.run_dir / "checkpoints" / "latest"
+        name = latest.read_text().strip() if latest.is_file() else "none"
+        command = (
+            "torchrun ... -m ptpeft_kernels.train" if self.dist.enabled else "python -m ptpeft_kernels.train"
+        )
+        return interrupt.Interrupted(
+            signum,
+            f"interrupted by {interrupt.signal_name(signum)}: {what}; checkpoint {name} written in "
+            f"{self.run_dir}. Continue the run with:\n  {command} --resume {self.run_dir}",
+        )
+
     # ------------------------------------------------------------------ the run
 
     def run(self, resume: Checkpoint | None = None) -> dict[str, Any]:
@@ -467,7 +430,15 @@ class Trainer:
             # A --resume of a run killed before its first checkpoint starts over: drop its partial log.
             self.log.truncate(0)
             torch.manual_seed(cfg.seed)
-            pre = self.eval_point("pretrained", 0)
+            try:
+                pre = self.eval_point("pretrained", 0)
+            except interrupt.Interrupted as exc:
+                raise interrupt.Interrupted(
+                    exc.signum,
+                    f"interrupted by {interrupt.signal_name(exc.signum)} while evaluating the pre-trained "
+                    f"model, before any training: nothing to lose. Start it again with:\n  "
+                    f"python -m ptpeft_kernels.train --resume {self.run_dir}",
+                ) from None
             summary = _summary(self.model)
             state = {
                 "pretrained": {
@@ -541,7 +512,17 @@ class Trainer:
             if dist.is_main:
                 self._save_stage_output(stage)
             D.barrier(dist)
-            point = self.eval_point(stage.name, state["global_step"])
+            try:
+                point = self.eval_point(stage.name, state["global_step"])
+            except interrupt.Interrupted as exc:
+                # The stage's training is done: keep it (a resumed run only evaluates it).
+                state.update(
+                    stage_elapsed_s=train_time, elapsed_s=elapsed_before + time.perf_counter() - t_session
+                )
+                self._save(state["global_step"], opt, sched, state)
+                raise self._interrupted(
+                    exc.signum, f"stage {stage.name} had finished training, its evaluation had not"
+                ) from None
             result = {
                 "name": stage.name,
                 "kind": stage.kind,
@@ -573,8 +554,6 @@ class Trainer:
         return report
 
     def _train_stage(self, si, stage, steps, first, opt, sched, state, t_stage, elapsed_before, t_session):
-        from tqdm.auto import tqdm
-
         cfg, dist = self.cfg, self.dist
         model = self.model
         params = [p for _, p in self._trainable()]
@@ -617,10 +596,35 @@ class Trainer:
             num_workers=cfg.num_workers,
             collate_fn=lambda x: x,
             generator=torch.Generator().manual_seed(cfg.seed),
+            worker_init_fn=interrupt.init_worker,
         )
-        bar = tqdm(total=steps, initial=first, desc=stage.name, disable=not self.show, dynamic_ncols=True)
+        bar = progress(total=steps, initial=first, desc=stage.name, disable=not self.show)
         window: list[float] = list(state.get("log_window", []))
-        for step, micro in zip(range(first, steps), loader, strict=False):
+        batches = iter(loader)
+
+        def stop(signum: int, finished: str, save: bool) -> interrupt.Interrupted:
+            bar.close()
+            if save:
+                state["stage_elapsed_s"] = time.perf_counter() - t_stage
+                state["elapsed_s"] = elapsed_before + time.perf_counter() - t_session
+                self._save(state["global_step"], opt, sched, state)
+            return self._interrupted(signum, finished)
+
+        for step in range(first, steps):
+            try:
+                micro = next(batches)
+            except Exception:
+                # A SIGTERM to the whole process group ends the loader's workers too; waiting for a
+                # batch, this process learns it here, between two steps: RuntimeError "worker exited
+                # unexpectedly", or EOFError when the worker ended while handing over a batch's shared
+                # memory (seen in a test run). Single process only: under torchrun the ranks must
+                # agree on the step (see _stop_requested).
+                signum = interrupt.requested()
+                if signum is None or dist.enabled:
+                    raise
+                # A step of this stage finished in this session: save it; else the latest checkpoint
+                # is this very point (end of the previous stage, or the one resumed from).
+                raise stop(signum, f"after global step {state['global_step']}", save=step > first) from None
             gstep = state["global_step"] + 1
             n_local = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
             n_total = int(D.all_sum(torch.tensor([n_local], dtype=torch.float64), dist).item())
@@ -690,17 +694,24 @@ class Trainer:
                 )
                 window = []
             state["log_window"] = window
+            saved = False
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
                 state["stage_elapsed_s"] = time.perf_counter() - t_stage
                 state["elapsed_s"] = elapsed_before + time.perf_counter() - t_session
                 self._save(gstep, opt, sched, state)
+                saved = True
             if cfg.kill_at_step is not None and gstep == cfg.kill_at_step:
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
+            signum = self._stop_requested()
+            if signum is not None:
+                raise stop(
+                    signum, f"finished global step {gstep} (stage {stage.name}, step {step + 1})", not saved
+                )
         bar.close()
         # The DDP wrapper (and its gradient hooks) must not outlive its stage: the next stage wraps
         # the model again with another set of trainable parameters.
-        del ddp, loader
+        del ddp, loader, batches
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()
@@ -756,12 +767,24 @@ class Trainer:
             "stages": state["results"],
             "total_time_s": state.get("elapsed_s"),
             "train_examples": len(self.data.train),
-            "eval_examples": len(self.data.eval),
+            # The count scored by the latest evaluation (each id once: duplicates are refused at loading).
+            "eval_examples": self.scored or len(self.data.eval),
+            "evaluation_set": {
+                "source": self.data.eval_source,
+                "count": len(self.data.eval),
+                "ids": [e.key for e in self.data.eval],
+            },
             "skipped_missing": {
                 "train": len(self.data.missing_train),
                 "eval": len(self.data.missing_eval),
                 "records": (self.data.missing_train + self.data.missing_eval)[:50],
             },
+            "skipped_unreadable": {
+                "train": len(self.data.unreadable_train),
+                "eval": len(self.data.unreadable_eval),
+                "records": (self.data.unreadable_train + self.data.unreadable_eval)[:50],
+            },
+            "resume_changes": cfg.extra.get("resume_changes", []),
             "versions": _versions(),
         }
         if state["results"]:
@@ -777,7 +800,11 @@ def _summary(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
+    import platform
+
+    import tokenizers
     import transformers
+    from PIL import __version__ as pillow
 
     import ptpeft_kernels
 
@@ -785,8 +812,25 @@ def _versions() -> dict[str, str]:
         "ptpeft_kernels": ptpeft_kernels.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "pillow": pillow,
         "python": sys.version.split()[0],
+        # Float results depend on these too (the CPU's matmul kernels, their thread count).
+        "torch_threads": str(torch.get_num_threads()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_name() or platform.machine(),
     }
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def check_resume_fingerprint(ck: Checkpoint, fp: dict) -> None:

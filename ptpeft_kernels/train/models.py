@@ -104,10 +104,30 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, local_files_only=True)
 
 
+class MissingDependencyError(ImportError):
+    """A package the checkpoint's processor or model needs is not installed; the message says
+    which one and how to install it."""
+
+
 def load_processor(path: str | os.PathLike) -> Any:
+    """The checkpoint's own processor (``AutoProcessor``); a missing optional package (Qwen2-VL's
+    video processor needs torchvision) raises :class:`MissingDependencyError` naming it."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    except ImportError as exc:
+        text = str(exc)
+        if "torchvision" in text.lower():
+            raise MissingDependencyError(
+                f"--model {path}: its processor needs torchvision, which is not installed "
+                f"({text.strip().splitlines()[0]}). Install the torchvision release built for torch "
+                f"{torch.__version__.split('+')[0]} (pip install torchvision, from the same package index "
+                "as torch; for a CPU-only torch, its CPU build)"
+            ) from None
+        raise MissingDependencyError(
+            f"--model {path}: loading its processor needs a missing package: {text}"
+        ) from None
 
 
 def end_text(family: Family, processor: Any) -> str:
