@@ -455,9 +455,16 @@ def forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
     lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or n == 0:
         return out, lse
-    if n <= DECODE_MAX_N:
-        return launch_decode(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse)
-    return _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse)
+    return launch_any_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse)
+
+
+def launch_any_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse, tiles=None,
+                       split_keys=None):  # fmt: skip
+    """The small-N kernel for N <= DECODE_MAX_N, else the general one (``tiles``: that kernel's config)."""
+    if q.shape[2] <= DECODE_MAX_N:
+        args = (q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse)
+        return launch_decode(*args, tiles=tiles, split_keys=split_keys)
+    return _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse, tiles)
 
 
 def _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse, tiles=None):
@@ -486,7 +493,8 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, 
 
 
 @backends.register(OP, "triton", kind="backward")
-def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale):
+def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale, tiles=None):
+    """dq, dk, dv, dprefix_k, dprefix_v; ``tiles`` forces one backward config (tests)."""
     dout = dout.contiguous()  # autograd hands dO in whatever layout the consumer produced
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
@@ -508,7 +516,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, sca
         dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=device)
     if b * hkv > 0 and (n + m + (0 if prefix_k is None else prefix_k.shape[-2])) > 0:
         _launch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale,
-                         dq, dk, dv, dpk, dpv)  # fmt: skip
+                         dq, dk, dv, dpk, dpv, tiles)  # fmt: skip
     elif dpk is not None:
         dpk.zero_()
         dpv.zero_()
