@@ -12,7 +12,8 @@ Variants: every (kernel, dtype, head-dim bucket, tile config) at the kernel's he
 (causal with a full mask for attention; each GEMM flag set the LoRA and adapter ops launch), plus
 the other flag settings and the non-power-of-two head dims 40 and 80 at each class's default
 config. ``--quick`` keeps the default config of each (kernel, dtype class, head-dim bucket) at the
-heaviest flags, bf16 standing for fp16: the CI subset. The full run writes ``benchmarks/results/triton_resources.csv``.
+heaviest flags, bf16 standing for fp16: the CI subset. The full run writes
+``benchmarks/results/triton_resources.csv``.
 """
 
 from __future__ import annotations
