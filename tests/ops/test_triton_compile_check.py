@@ -49,21 +49,31 @@ def test_problems_flag_shared_memory_spills_and_failures():
     assert cc.problems(_row(status="FAIL: boom"), 0) == ["FAIL: boom"]
 
 
+@pytest.mark.parametrize("arch", configs.ARCHS)
 @pytest.mark.parametrize("quick", [True, False])
-def test_variants_cover_every_config_class(quick):
-    todo = cc.variants(quick)
+def test_variants_cover_every_config_class(quick, arch):
+    todo = cc.variants(quick, arch)
     seen = {(v.kernel, v.dtype, v.head_dim, v.tiles) for v in todo}
     for kernel, table in cc.ATTN_TABLES.items():
         for (dclass, bucket), tiles in table.items():
             dtypes = ["float32"] if dclass == "fp32" else ["bfloat16"] if quick else ["float16", "bfloat16"]
+            listed = configs.for_arch(tiles, arch)
+            assert listed, f"no {kernel} config for sm_{arch} {dclass} D<={bucket}"
             for dtype in dtypes:
-                for t in tiles if not quick else tiles[:1]:
+                for t in listed if not quick else listed[:1]:
                     assert (kernel, dtype, bucket, t.name) in seen
+            assert not {(kernel, dclass, t.name) for t in tiles if arch not in t.archs} & {
+                (v.kernel, _dclass(v.dtype), v.tiles) for v in todo}
     for dclass, tiles in configs.GEMM.items():
-        for t in tiles if not quick else tiles[:1]:
+        listed = configs.for_arch(tiles, arch)
+        for t in listed if not quick else listed[:1]:
             assert ("gemm", "float32" if dclass == "fp32" else "bfloat16", 0, t.name) in seen
     if quick:  # the CI subset compiles the heaviest flags only
         assert {v.flags for v in todo if v.kernel in cc.ATTN_TABLES} == {cc.HEAVY_ATTN}
+
+
+def _dclass(dtype):
+    return "fp32" if dtype == "float32" else "16bit"
 
 
 def test_write_csv_replaces_only_the_compiled_architectures(tmp_path):

@@ -80,7 +80,7 @@ def test_tensors_on_the_second_gpu_launch_there():
 def test_tuners_are_cached_per_device_not_per_name(monkeypatch):
     monkeypatch.setattr(COMMON, "_tuned_cache", {})
     kernel = importlib.import_module("ptpeft_kernels.ops.triton_impl.prefix_attention")._attn_fwd_kernel
-    tiles = configs.ATTN_FWD[("16bit", 64)]
+    tiles = configs.ATTN_FWD[("16bit", 64)][:3]
     first = COMMON.autotuned(kernel, "attn_fwd", tiles, ["N_KEY"], torch.device("cuda", 0))
     assert COMMON.autotuned(kernel, "attn_fwd", tiles, ["N_KEY"], torch.device("cuda", 0)) is first
     assert COMMON.autotuned(kernel, "attn_fwd", tiles, ["N_KEY"], torch.device("cuda", 1)) is not first
@@ -88,11 +88,14 @@ def test_tuners_are_cached_per_device_not_per_name(monkeypatch):
     assert [c.kwargs for c in first.configs] == [t.blocks for t in tiles]
 
 
-def test_every_shape_class_has_a_named_default():
+def test_every_shape_class_has_a_named_default_per_architecture():
     for table in (configs.ATTN_FWD, configs.ATTN_BWD, configs.ATTN_DECODE):
         assert set(table) == {(c, b) for c in ("16bit", "fp32") for b in (64, 128)}
         for tiles in table.values():
-            assert tiles and len({t.name for t in tiles}) == len(tiles)
+            assert len({t.name for t in tiles}) == len(tiles)
+            assert all(configs.for_arch(tiles, arch) for arch in configs.ARCHS)
+    assert configs.arch_family((8, 0)) == configs.arch_family((8, 9)) == 80
+    assert configs.arch_family((9, 0)) == configs.arch_family((10, 0)) == 90
     for d, bucket in ((16, 64), (40, 64), (64, 64), (80, 128), (128, 128)):
         block_d = max(16, 1 << (d - 1).bit_length())
         got = configs.attention_tiles(configs.ATTN_FWD, torch.float32, block_d)
@@ -108,7 +111,9 @@ def test_autotune_switch(monkeypatch, value, all_configs):
     else:
         monkeypatch.setenv(configs.AUTOTUNE_ENV, value)
     tiles = configs.ATTN_FWD[("16bit", 128)]
-    assert configs.to_use(tiles) == (tiles if all_configs else tiles[:1])
+    for arch in configs.ARCHS:
+        listed = configs.for_arch(tiles, arch)
+        assert configs.to_use(tiles, arch) == (listed if all_configs else listed[:1])
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU every test launch goes this way")
@@ -129,7 +134,7 @@ def test_gpu_launch_path_pins_the_default_or_tunes_the_class(monkeypatch, autotu
     q, k = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 24, 16, generator=gen)
     got = pk.prefix_attention(q, k, k, backend="triton")
     torch.testing.assert_close(got, pk.prefix_attention(q, k, k, backend="torch"), atol=2e-5, rtol=2e-5)
-    class_tiles = [t.name for t in configs.ATTN_FWD[("fp32", 64)]]
+    class_tiles = [t.name for t in configs.for_arch(configs.ATTN_FWD[("fp32", 64)], 80)]  # the CPU's family
     assert tuned == ([] if autotune == "0" else [("attn_fwd", class_tiles, q.device)])
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import to_use
+from .configs import arch_family, to_use
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -82,6 +82,18 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.cache
+def _arch_of_index(index: int) -> int:
+    return arch_family(torch.cuda.get_device_capability(index))
+
+
+def arch_of(device: torch.device) -> int:
+    """The tile-config family (80 or 90) of ``device``, read on first use; 80 off the GPU."""
+    if device.type != "cuda":
+        return 80
+    return _arch_of_index(device_key(device)[1])
+
+
 def device_key(device: torch.device) -> tuple[str, int]:
     if device.type != "cuda":
         return (device.type, -1)
@@ -119,7 +131,7 @@ def launch(kernel, grid, args: tuple, meta: dict, *, device: torch.device, name:
         elif not use_autotune(device):
             kernel[grid](*args, **meta, **interp_tiles)
         else:
-            usable = to_use(tiles)
+            usable = to_use(tiles, arch_of(device))
             if len(usable) == 1:
                 kernel[grid](*args, **meta, **usable[0].launch_kwargs())
             else:

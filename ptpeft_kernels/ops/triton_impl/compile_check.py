@@ -8,11 +8,11 @@ NVIDIA back end and ptxas (see ``_compile_target``), records registers, spill by
 shared memory per variant, and exits non-zero when a variant fails to compile, needs more shared
 memory than the architecture lets one block have, or spills more than ``--max-spill`` bytes.
 
-Variants: every (kernel, dtype, head-dim bucket, tile config) at the kernel's heaviest flags
-(causal with a full mask for attention; each GEMM flag set the LoRA and adapter ops launch), plus
-the other flag settings and the non-power-of-two head dims 40 and 80 at each class's default
-config. ``--quick`` keeps the default config of each (kernel, dtype class, head-dim bucket) at the
-heaviest flags, bf16 standing for fp16: the CI subset. The full run writes
+Variants: every (kernel, dtype class, head-dim bucket, tile config) listed for the architecture, at
+the kernel's heaviest flags (causal with a full mask for attention; the LoRA output and the adapter
+up-projection epilogues for the GEMM); at each class's default config also fp16, every other flag
+setting the ops launch, and the head dims 16, 32, 40 and 80. ``--quick`` keeps each class's default
+at the heaviest flags, bf16 standing for fp16: the CI subset. The full run writes
 ``benchmarks/results/triton_resources.csv``.
 """
 
@@ -112,29 +112,36 @@ def _tiles_of(v: Variant):
     return next(t for t in options if t.name == v.tiles)
 
 
-def variants(quick: bool) -> list[Variant]:
+def variants(quick: bool, arch: int) -> list[Variant]:
+    """The variants to compile for ``sm_<arch>`` (only the configs listed for that architecture).
+
+    Full: every config at head dims 64 and 128 in bf16 and fp32 at the heaviest flags; at each
+    class's default config also fp16, the other flag settings, and head dims 16, 32, 40, 80 (smaller
+    or masked head-dim tiles of the same class). Quick (CI): each class's default at the heaviest flags.
+    """
     out: list[Variant] = []
     for kernel, table in ATTN_TABLES.items():
         for dtype in QUICK_DTYPES if quick else DTYPES:
-            for d in BUCKET_DIMS + ODD_DIMS:
-                tiles = table[(_dclass(dtype), C.head_class(_block_d(d)))]
-                odd = d in ODD_DIMS
+            for d in (64, 128) if quick else BUCKET_DIMS + ODD_DIMS:
+                tiles = C.for_arch(table[(_dclass(dtype), C.head_class(_block_d(d)))], arch)
                 for i, t in enumerate(tiles):
-                    if quick and (i > 0 or odd or d not in (64, 128)):
+                    default = i == 0
+                    every_config = d in (64, 128) and dtype != "float16"
+                    if not default and (quick or not every_config):
                         continue
-                    if odd and i > 0:
-                        continue
-                    flags = list(ATTN_FLAGS) if i == 0 and not quick and not odd else [HEAVY_ATTN]
+                    extra_flags = default and not quick and d in BUCKET_DIMS
+                    flags = list(ATTN_FLAGS) if extra_flags else [HEAVY_ATTN]
                     out += [Variant(kernel, dtype, d, f, t.name) for f in flags]
     for dtype in QUICK_DTYPES if quick else DTYPES:
         for d in (64, 128) if quick else BUCKET_DIMS + ODD_DIMS:
             out.append(Variant("bwd_prep", dtype, d, "-", "-"))
             out.append(Variant("decode_merge", dtype, d, "-", "-"))
+    heavy_gemm = ["lora y", "adapter up gelu_tanh"]
     for dtype in QUICK_DTYPES if quick else DTYPES:
-        for i, t in enumerate(C.GEMM[_dclass(dtype)]):
-            if quick and i > 0:
+        for i, t in enumerate(C.for_arch(C.GEMM[_dclass(dtype)], arch)):
+            if i > 0 and (quick or dtype == "float16"):
                 continue
-            for f in GEMM_FLAGS if not quick else ["lora y", "adapter up gelu_tanh"]:
+            for f in GEMM_FLAGS if i == 0 and not quick else heavy_gemm:
                 out.append(Variant("gemm", dtype, 0, f, t.name))
     if not quick:
         out.append(Variant("keep_mask", "-", 0, "-", "-"))
@@ -251,22 +258,23 @@ def _compile_in_worker(args: tuple[Variant, int]) -> Row:
     return compile_variant(*args)
 
 
-def run(archs: list[int], todo: list[Variant], jobs: int, max_spill: int) -> tuple[list[Row], list[str]]:
+def run(todo: dict[int, list[Variant]], jobs: int, max_spill: int) -> tuple[list[Row], list[str]]:
+    """Compile ``todo[arch]`` for each architecture; returns the rows and the failures."""
     rows: list[Row] = []
     failures: list[str] = []
-    for arch in archs:
+    for arch, variants_ in todo.items():
         if jobs > 1:
             import multiprocessing
 
             ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, its target set once
             pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(arch,))
             with pool:
-                results = pool.map(_compile_in_worker, [(v, arch) for v in todo])
+                results = pool.map(_compile_in_worker, [(v, arch) for v in variants_])
                 for row in results:
                     rows.append(_report(row, max_spill, failures))
         else:
             _worker_init(arch)
-            for v in todo:
+            for v in variants_:
                 rows.append(_report(compile_variant(v, arch), max_spill, failures))
     return rows, failures
 
@@ -337,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"no shared-memory limit known for {unknown}; known: {sorted(SHARED_LIMIT)}", file=sys.stderr)
         return 2
-    todo = [v for v in variants(args.quick) if args.only in str(v)]
-    print(f"compiling {len(todo)} variants for {', '.join(f'sm_{a}' for a in args.arch)}", flush=True)
-    rows, failures = run(args.arch, todo, args.jobs, args.max_spill)
+    todo = {arch: [v for v in variants(args.quick, arch) if args.only in str(v)] for arch in args.arch}
+    print("compiling " + ", ".join(f"{len(v)} variants for sm_{a}" for a, v in todo.items()), flush=True)
+    rows, failures = run(todo, args.jobs, args.max_spill)
     print("\n".join(headline(rows)))
     csv_path = args.csv if args.csv is not None else (None if args.quick or args.only else DEFAULT_CSV)
     if csv_path is not None:
