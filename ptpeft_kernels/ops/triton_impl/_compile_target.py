@@ -94,8 +94,9 @@ def _ptxas_log(ptx: str, arch: int) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
 
 
-def compile_and_measure(kernel, args: tuple, kwargs: dict, arch: int) -> tuple[object, Usage, float]:
-    """``kernel.warmup`` for the active target; returns (compiled kernel, usage, seconds)."""
+def compile_and_measure(kernel, args: tuple, kwargs: dict, arch: int) -> tuple[object, Usage, float | None]:
+    """``kernel.warmup`` for the active target; returns (compiled kernel, usage, compile seconds), the
+    seconds None when the kernel came from Triton's cache (ptxas did not run)."""
     from triton import knobs
 
     log = io.StringIO()
@@ -104,7 +105,10 @@ def compile_and_measure(kernel, args: tuple, kwargs: dict, arch: int) -> tuple[o
         knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas's -v report when it compiles
         compiled = kernel.warmup(*args, grid=(1,), **kwargs)
     seconds = time.time() - start
-    usage = parse_ptxas(log.getvalue()) or parse_ptxas(_ptxas_log(compiled.asm["ptx"], arch))
+    usage = parse_ptxas(log.getvalue())
+    if usage is None:  # from the cache: ask ptxas again
+        seconds = None
+        usage = parse_ptxas(_ptxas_log(compiled.asm["ptx"], arch))
     if usage is None:
         raise RuntimeError(f"no ptxas register report for {kernel.fn.__name__}")
     return compiled, usage, seconds

@@ -63,7 +63,7 @@ class Row:
     stack_bytes: int
     shared_bytes: int
     shared_limit: int
-    compile_s: float
+    compile_s: float | None  # Triton + ptxas wall seconds; None when Triton's cache had the kernel
     status: str  # ok | FAIL: <why>
 
 
@@ -228,12 +228,12 @@ def compile_variant(v: Variant, arch: int) -> Row:
         warps, stages = compiled.metadata.num_warps, compiled.metadata.num_stages
         shared = compiled.metadata.shared + usage.static_shared
         return Row(arch, v.kernel, v.dtype, v.head_dim, block_d, v.flags, v.tiles, warps, stages, usage.regs,
-                   usage.spill_stores, usage.spill_loads, usage.stack_bytes, shared, limit, round(seconds, 1),
-                   "ok")  # fmt: skip
+                   usage.spill_stores, usage.spill_loads, usage.stack_bytes, shared, limit,
+                   None if seconds is None else round(seconds, 1), "ok")  # fmt: skip
     except Exception as exc:  # report every failure, keep going
         why = " ".join(repr(exc).split())[:300]
         return Row(arch, v.kernel, v.dtype, v.head_dim, block_d, v.flags, v.tiles, warps, stages,
-                   -1, -1, -1, -1, -1, limit, 0.0, f"FAIL: {why}")  # fmt: skip
+                   -1, -1, -1, -1, -1, limit, None, f"FAIL: {why}")  # fmt: skip
 
 
 def problems(row: Row, max_spill: int) -> list[str]:
@@ -284,8 +284,9 @@ def _report(row: Row, max_spill: int, failures: list[str]) -> Row:
     name = f"sm_{row.arch} {row.kernel} {row.dtype} d{row.head_dim} [{row.flags}] {row.tiles}"
     if bad:
         failures.append(f"{name}: {'; '.join(bad)}")
+    took = "cached" if row.compile_s is None else f"{row.compile_s}s"
     figures = (f"regs={row.regs} spill={row.spill_stores} stack={row.stack_bytes} shared={row.shared_bytes} "
-               f"{row.compile_s}s" if row.status == "ok" else row.status)  # fmt: skip
+               f"{took}" if row.status == "ok" else row.status)  # fmt: skip
     print(("FAIL " if bad else "ok   ") + name + "  " + figures, flush=True)
     return row
 
