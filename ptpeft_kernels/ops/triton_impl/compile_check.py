@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -145,7 +146,12 @@ def variants(quick: bool, arch: int) -> list[Variant]:
                 out.append(Variant("gemm", dtype, 0, f, t.name))
     if not quick:
         out.append(Variant("keep_mask", "-", 0, "-", "-"))
-    return out
+
+    def first(v: Variant) -> int:  # every config of every class first, then the default's variations
+        main = v.flags in (HEAVY_ATTN, "lora y", "adapter up gelu_tanh", "-") and v.dtype != "float16"
+        return 0 if main and v.head_dim in (0, 64, 128) else 1
+
+    return sorted(out, key=first)
 
 
 def _build(v: Variant):
@@ -248,34 +254,36 @@ def problems(row: Row, max_spill: int) -> list[str]:
     return found
 
 
-def _worker_init(arch: int) -> None:
+def _compile_in_worker(task: tuple[Variant, int]) -> Row:
     from ._compile_target import use_target
 
-    use_target(arch)
+    variant, arch = task
+    use_target(arch)  # each task names its target: one pool serves both architectures
+    return compile_variant(variant, arch)
 
 
-def _compile_in_worker(args: tuple[Variant, int]) -> Row:
-    return compile_variant(*args)
-
-
-def run(todo: dict[int, list[Variant]], jobs: int, max_spill: int) -> tuple[list[Row], list[str]]:
-    """Compile ``todo[arch]`` for each architecture; returns the rows and the failures."""
+def run(todo: dict[int, list[Variant]], jobs: int, max_spill: int, on_row=None) -> tuple[list[Row], list]:
+    """Compile ``todo[arch]`` for each architecture, the architectures interleaved so that a cut-short
+    run has both; ``on_row(rows)`` after each variant (the CSV is rewritten as rows arrive)."""
+    tasks = [t for group in itertools.zip_longest(*[[(v, a) for v in vs] for a, vs in todo.items()])
+             for t in group if t is not None]  # fmt: skip
     rows: list[Row] = []
     failures: list[str] = []
-    for arch, variants_ in todo.items():
-        if jobs > 1:
-            import multiprocessing
+    if jobs > 1:
+        import multiprocessing
 
-            ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, its target set once
-            pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(arch,))
-            with pool:
-                results = pool.map(_compile_in_worker, [(v, arch) for v in variants_])
-                for row in results:
-                    rows.append(_report(row, max_spill, failures))
-        else:
-            _worker_init(arch)
-            for v in variants_:
-                rows.append(_report(compile_variant(v, arch), max_spill, failures))
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no driver state inherited
+        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            results = pool.map(_compile_in_worker, tasks)
+            for row in results:
+                rows.append(_report(row, max_spill, failures))
+                if on_row is not None:
+                    on_row(rows)
+    else:
+        for task in tasks:
+            rows.append(_report(_compile_in_worker(task), max_spill, failures))
+            if on_row is not None:
+                on_row(rows)
     return rows, failures
 
 
@@ -348,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     todo = {arch: [v for v in variants(args.quick, arch) if args.only in str(v)] for arch in args.arch}
     print("compiling " + ", ".join(f"{len(v)} variants for sm_{a}" for a, v in todo.items()), flush=True)
-    rows, failures = run(todo, args.jobs, args.max_spill)
-    print("\n".join(headline(rows)))
     csv_path = args.csv if args.csv is not None else (None if args.quick or args.only else DEFAULT_CSV)
+    save = None if csv_path is None else lambda rows: write_csv(csv_path, rows)
+    rows, failures = run(todo, args.jobs, args.max_spill, on_row=save)
+    print("\n".join(headline(rows)))
     if csv_path is not None:
-        write_csv(csv_path, rows)
         print(f"wrote {csv_path}")
     print(f"{len(rows) - len(failures)} ok, {len(failures)} failed")
     for line in failures:
