@@ -254,36 +254,38 @@ def problems(row: Row, max_spill: int) -> list[str]:
     return found
 
 
-def _compile_in_worker(task: tuple[Variant, int]) -> Row:
+def _worker_init(arch: int) -> None:
     from ._compile_target import use_target
 
-    variant, arch = task
-    use_target(arch)  # each task names its target: one pool serves both architectures
-    return compile_variant(variant, arch)
+    use_target(arch)
 
 
 def run(todo: dict[int, list[Variant]], jobs: int, max_spill: int, on_row=None) -> tuple[list[Row], list]:
-    """Compile ``todo[arch]`` for each architecture, the architectures interleaved so that a cut-short
-    run has both; ``on_row(rows)`` after each variant (the CSV is rewritten as rows arrive)."""
+    """Compile ``todo[arch]`` for each architecture; ``on_row(rows)`` after each variant.
+
+    One worker process per architecture at least: Triton keeps compiled kernels per device with the
+    target it first saw, so a process must never switch targets. The architectures' variants are
+    interleaved, so that a run cut short has rows of both.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no driver state inherited
+    per_arch = max(1, jobs // len(todo))
+    pools = {arch: ProcessPoolExecutor(per_arch, mp_context=ctx, initializer=_worker_init, initargs=(arch,))
+             for arch in todo}  # fmt: skip
     tasks = [t for group in itertools.zip_longest(*[[(v, a) for v in vs] for a, vs in todo.items()])
              for t in group if t is not None]  # fmt: skip
     rows: list[Row] = []
     failures: list[str] = []
-    if jobs > 1:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no driver state inherited
-        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            results = pool.map(_compile_in_worker, tasks)
-            for row in results:
-                rows.append(_report(row, max_spill, failures))
-                if on_row is not None:
-                    on_row(rows)
-    else:
-        for task in tasks:
-            rows.append(_report(_compile_in_worker(task), max_spill, failures))
+    try:
+        futures = [pools[arch].submit(compile_variant, v, arch) for v, arch in tasks]
+        for future in futures:
+            rows.append(_report(future.result(), max_spill, failures))
             if on_row is not None:
                 on_row(rows)
+    finally:
+        for pool in pools.values():
+            pool.shutdown(cancel_futures=True)
     return rows, failures
 
 
