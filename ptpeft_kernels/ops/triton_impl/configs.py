@@ -25,8 +25,16 @@ AUTOTUNE_ENV = "PTPEFT_AUTOTUNE"
 
 
 def autotune_enabled() -> bool:
-    """False when ``PTPEFT_AUTOTUNE`` is 0/false/no/off: launch each shape class's default config."""
-    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """False when ``PTPEFT_AUTOTUNE=0``: launch each shape class's default config.
+
+    Reads the switch through ``ptpeft_kernels._env`` where that module exists (one reader for
+    every kernel); this fallback reads the variable the same way ("0" off, "1" or unset on).
+    """
+    try:
+        from ..._env import autotune_enabled as shared
+    except ImportError:
+        return os.environ.get(AUTOTUNE_ENV, "").strip() != "0"
+    return shared()
 
 
 # The architectures every config is compiled and resource-checked for; a config that spills on one
