@@ -1,6 +1,5 @@
 """adapter, triton backend: forward and every gradient against the float64 reference."""
 
-import importlib
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from ptpeft_kernels.ops.activations import ACTIVATIONS
 from ptpeft_kernels.ops.adapter import adapter_ref
 from tests.helpers import CUDA, DEVICE, DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf, triton_marks
 from tests.ops.test_adapter import make
+from tests.ops.test_triton_lora import force_gemm_tiles, gemm_config_params
 
 pytestmark = triton_marks()
 OP = "adapter"
@@ -110,12 +110,11 @@ def test_large_pre_activations_stay_finite():
             assert_close(f"{activation} {name}", g.cpu(), r, atol=2e-6 * scale, rtol=1e-4)
 
 
-@pytest.mark.skipif(CUDA, reason="on a GPU the autotuner runs these configs itself")
-def test_every_gpu_tile_config_is_correct(monkeypatch):
-    gemm_mod = importlib.import_module("ptpeft_kernels.ops.triton_impl.gemm")
-    for config in gemm_mod._configs():
-        monkeypatch.setattr(gemm_mod, "_interpreter_meta", lambda m, n, k, c=config: dict(c.kwargs))
-        check(make((2, 19), 40, 8, torch.float32, residual=True, d_out=24), torch.float32, 2e-5, 2e-5)
+@pytest.mark.parametrize("dclass,tiles", gemm_config_params())
+def test_every_gemm_tile_config_is_correct(dclass, tiles, monkeypatch):
+    """Each GEMM config forced (not the tuner's pick) for every GEMM of the forward and backward."""
+    dtype, atol, rtol = force_gemm_tiles(monkeypatch, dclass, tiles, interpreted_class="fp32")
+    check(on_device(make((2, 19), 40, 8, dtype, residual=True, d_out=24)), dtype, atol, rtol)
 
 
 def test_explicit_triton_refuses_float64():

@@ -30,6 +30,31 @@ if CUDA:
     CASES += [((4, 300), 512, 768, 16, True, False), ((4, 300), 512, 768, 16, True, True)]
 
 
+def gemm_config_params():
+    """(dtype class, tiles) of every GEMM config; on a GPU each runs only on the architectures it lists."""
+    configs = importlib.import_module("ptpeft_kernels.ops.triton_impl.configs")
+    return [pytest.param(dclass, t, id=f"{dclass}-{t.name}-sm{'+'.join(map(str, t.archs))}")
+            for dclass, tiles in configs.GEMM.items() for t in tiles]  # fmt: skip
+
+
+def force_gemm_tiles(monkeypatch, dclass, tiles, interpreted_class):
+    """Every GEMM launch with ``tiles`` (natively, or under the interpreter); returns (dtype, atol, rtol):
+    the class's dtype on a GPU, float32 under the interpreter (the tiles' shapes are what is tested).
+    The interpreter runs one class per op test file (``interpreted_class``), to bound its time."""
+    if not CUDA and dclass != interpreted_class:
+        pytest.skip(f"the interpreter runs the {dclass} GEMM configs in the other op's test file")
+    gemm_mod = importlib.import_module("ptpeft_kernels.ops.triton_impl.gemm")
+    if CUDA and importlib.import_module("ptpeft_kernels.ops.triton_impl._common").arch_of(
+        torch.device(DEVICE)
+    ) not in tiles.archs:
+        pytest.skip(f"listed for sm_{tiles.archs} only")
+    monkeypatch.setattr(gemm_mod, "gemm_tiles", lambda dtype, m, n: [tiles])
+    monkeypatch.setattr(gemm_mod, "_interpreter_meta", lambda m, n, k: dict(tiles.blocks))
+    if CUDA and dclass == "16bit":
+        return torch.bfloat16, None, None
+    return torch.float32, 2e-5, 2e-5
+
+
 def on_device(t: dict) -> dict:
     if not CUDA:
         return t
@@ -144,14 +169,12 @@ def test_gemm_split_k_and_row_sums_match_torch():
         gemm(a, b, bias=bias, split_k=2)
 
 
-@pytest.mark.skipif(CUDA, reason="on a GPU the autotuner runs these configs itself")
-def test_every_gpu_tile_config_is_correct(monkeypatch):
-    # imported by name: under xdist this test may be a worker's first use of the triton backend
-    gemm_mod = importlib.import_module("ptpeft_kernels.ops.triton_impl.gemm")
-    for config in gemm_mod._configs():
-        monkeypatch.setattr(gemm_mod, "_interpreter_meta", lambda m, n, k, c=config: dict(c.kwargs))
-        t = make((2, 19), 40, 72, 8, torch.float32, w_grad=True)
-        check_against_reference(t, torch.float32, 2e-5, 2e-5, dropout_p=0.25, backend="triton")
+@pytest.mark.parametrize("dclass,tiles", gemm_config_params())
+def test_every_gemm_tile_config_is_correct(dclass, tiles, monkeypatch):
+    """Each GEMM config forced (not the tuner's pick) for every GEMM of the forward and backward."""
+    dtype, atol, rtol = force_gemm_tiles(monkeypatch, dclass, tiles, interpreted_class="16bit")
+    t = on_device(make((2, 19), 40, 72, 8, dtype, w_grad=True))
+    check_against_reference(t, dtype, atol, rtol, dropout_p=0.25, backend="triton")
 
 
 def test_explicit_triton_refuses_float64():

@@ -15,6 +15,7 @@ import torch
 import ptpeft_kernels as pk
 from ptpeft_kernels import backends
 from ptpeft_kernels.ops.prefix_attention import prefix_attention_ref
+from ptpeft_kernels.ops.triton_impl.configs import ATTN_BWD, ATTN_DECODE, ATTN_FWD
 from tests.helpers import (
     CUDA,
     DEVICE,
@@ -29,6 +30,8 @@ from tests.ops.test_prefix_attention import Case, make_inputs, run
 
 pytestmark = triton_marks()
 OP = "prefix_attention"
+TRITON_PA = importlib.import_module("ptpeft_kernels.ops.triton_impl.prefix_attention")
+COMMON = importlib.import_module("ptpeft_kernels.ops.triton_impl._common")
 
 
 def scaled(case: Case) -> Case:
@@ -70,6 +73,8 @@ LOWP_CASES = [  # bfloat16 on the mask / layout variants, float16 on one (the in
     (Case(n=24, m=40, p=4, mask="full_empty_rows", shared=False), torch.bfloat16),
     (Case(n=24, m=40, p=5, noncontig=True), torch.bfloat16),
     (Case(n=37, m=45, p=5), torch.float16),
+    # The benchmarked shape class (bf16, D=128, P=32): the D=128 tiles and a prefix of two key tiles.
+    (Case(n=33, m=40, p=32, d=128, hq=2, hkv=1), torch.bfloat16),
 ]
 
 
@@ -169,7 +174,7 @@ def test_shared_prefix_gradient_is_the_batch_sum_of_per_batch_prefix_gradients()
 
 def test_launchers_write_every_element_of_nan_filled_outputs():
     """The public op allocates its outputs; the launchers take them, so pre-fill them with NaN."""
-    impl = importlib.import_module("ptpeft_kernels.ops.triton_impl.prefix_attention")
+    impl = TRITON_PA
     case = Case(n=37, m=45, p=5, mask="full_empty_rows")
     (q, k, v, pk_, pv_), mask = to_device(*make_inputs(case, torch.float32))
     q, k, v, pk_, pv_ = (t.detach() for t in (q, k, v, pk_, pv_))
@@ -213,15 +218,76 @@ def test_prefix_only_attention_with_no_sequence_keys():
         assert_close("grad", g.cpu(), r, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.skipif(CUDA, reason="on a GPU the autotuner runs these configs itself")
-@pytest.mark.parametrize("which", ["fwd", "bwd"])
-def test_every_gpu_tile_config_is_correct(which, monkeypatch):
-    """The GPU autotune configs cannot be timed here, but each must still compute the right answer."""
-    impl = importlib.import_module("ptpeft_kernels.ops.triton_impl.prefix_attention")
-    configs = impl._fwd_configs() if which == "fwd" else impl._bwd_configs()
-    for config in configs:
-        monkeypatch.setattr(impl, "_INTERP_FWD" if which == "fwd" else "_INTERP_BWD", dict(config.kwargs))
-        check(Case(n=37, m=70, p=5, b=1, mask="keypad"), torch.float32, 2e-5, 2e-5)
+def check_launchers(case: Case, dtype, *, fwd=None, bwd=None, split_keys=None, backward=True):
+    """The launchers with forced tile configs, into NaN-filled outputs, against the float64 reference.
+
+    ``fwd`` forces the forward config (of the small-N kernel when N <= 16, with ``split_keys`` keys
+    per range), ``bwd`` the backward's; the output, the LSE and all five gradients are compared.
+    """
+    tensors, mask = to_device(*make_inputs(case, dtype))
+    q, k, v, *prefix = (t.detach() for t in tensors)
+    pk_, pv_ = prefix if prefix else (None, None)
+    scale = case.d**-0.5
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device=q.device)
+    TRITON_PA.launch_any_forward(q, k, v, pk_, pv_, mask, case.causal, scale, out, lse, fwd, split_keys)
+
+    ref_in = [leaf(t.cpu().double()) for t in (q, k, v, *prefix)]
+    mask_cpu = None if mask is None else mask.cpu()
+    ref = run(prefix_attention_ref, ref_in, mask_cpu, case.causal, scale=scale)
+    _, ref_lse = backends.get_impl(OP, "torch")(*(t.detach() for t in ref_in), *([None] * (2 - len(prefix))),
+                                               mask_cpu, case.causal, scale)  # fmt: skip
+    lowp_in = lowp = None
+    if dtype in (torch.bfloat16, torch.float16):
+        lowp_in = [leaf(t.cpu()) for t in (q, k, v, *prefix)]
+        lowp = run(prefix_attention_ref, lowp_in, mask_cpu, case.causal, upcast=False, scale=scale)
+    tol = DTYPE_TOLS[0][1]
+    assert_close("out", out.cpu(), ref, atol=tol, rtol=tol, ref_lowp=lowp)
+    # The LSE is float32 arithmetic on the (possibly bf16) inputs in every case.
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert_close("lse", lse.cpu()[finite].double(), ref_lse[finite], atol=5e-5, rtol=5e-5)
+    if not backward:
+        return
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(q.device)
+    got = TRITON_PA.backward(dout, q, k, v, pk_, pv_, mask, out, lse, case.causal, scale, tiles=bwd)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.cpu().double())
+    lowp_grads = [None] * 5
+    if lowp is not None:
+        lowp_grads = torch.autograd.grad(lowp, lowp_in, dout.cpu())
+    names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"]
+    for name, g, r, lg in zip(names, got, ref_grads, lowp_grads, strict=False):
+        assert_close(name, g.cpu(), r, atol=tol, rtol=tol, ref_lowp=lg, factor=GRAD_FACTOR)
+
+
+def _every_config():
+    """(kernel, dtype class, head bucket, tiles) for every config of every attention tile table."""
+    params = []
+    for kernel, table in (("fwd", ATTN_FWD), ("bwd", ATTN_BWD), ("decode", ATTN_DECODE)):
+        for (dclass, bucket), tiles in table.items():
+            for t in tiles:
+                # The interpreter runs one class, cheaply and with exact float32 products: fp32, D <= 64.
+                skip = not CUDA and (dclass, bucket) != ("fp32", 64)
+                marks = [pytest.mark.skip(reason="runs on a GPU; the interpreter runs the fp32 D<=64 class")]
+                name = f"{kernel}-{dclass}-d{bucket}-{t.name}-sm{'+'.join(map(str, t.archs))}"
+                params.append(pytest.param(kernel, dclass, bucket, t, id=name, marks=marks if skip else []))
+    return params
+
+
+@pytest.mark.parametrize("kernel,dclass,bucket,tiles", _every_config())
+def test_every_tile_config_is_correct_at_an_odd_shape(kernel, dclass, bucket, tiles):
+    """Each config of each shape class, forced (not the tuner's pick), against float64 at one odd shape."""
+    if CUDA and COMMON.arch_of(torch.device(DEVICE)) not in tiles.archs:
+        pytest.skip(f"listed for sm_{tiles.archs} only")  # it may spill here: compile_check checks that
+    dtype = torch.float32 if dclass == "fp32" else torch.bfloat16
+    d = 40 if bucket == 64 else 128
+    if kernel == "decode":
+        check_launchers(Case(n=3, m=45, p=5, d=d, b=1, hq=4, hkv=1, mask="keypad"), dtype, fwd=tiles,
+                        backward=False)  # fmt: skip
+    else:
+        case = Case(n=21, m=38, p=5, d=d, b=1, mask="keypad")
+        check_launchers(case, dtype, **({"fwd": tiles} if kernel == "fwd" else {"bwd": tiles}),
+                        backward=kernel == "bwd")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- what it refuses

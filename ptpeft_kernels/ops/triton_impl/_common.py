@@ -6,12 +6,15 @@ wrappers are created on first use, per device, and cached.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .configs import arch_family, to_use
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -73,20 +76,66 @@ def bucket(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
+def device_guard(device: torch.device):
+    """Make ``device`` current around a launch: Triton launches on the current device and its current
+    stream, not on the tensors' device. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _arch_of_index(index: int) -> int:
+    return arch_family(torch.cuda.get_device_capability(index))
+
+
+def arch_of(device: torch.device) -> int:
+    """The tile-config family (80 or 90) of ``device``, read on first use; 80 off the GPU."""
+    if device.type != "cuda":
+        return 80
+    return _arch_of_index(device_key(device)[1])
+
+
+def device_key(device: torch.device) -> tuple[str, int]:
+    if device.type != "cuda":
+        return (device.type, -1)
+    return ("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
 _tuned_cache: dict[tuple, object] = {}
 
 
-def autotuned(kernel, name: str, configs_fn, key: list[str], prune=None):
-    """``triton.autotune`` of ``kernel``, built on first GPU use (never at import).
+def autotuned(kernel, name: str, tiles: list, key: list[str], device: torch.device, prune=None):
+    """``triton.autotune`` of ``kernel`` over ``tiles``, built on first use per device (never at import).
 
-    ``prune(configs, named_args, **kwargs)`` drops configs that cannot fit the call's shape.
+    One tuner per (kernel, tile list, device): a config tuned on one GPU is never reused for another
+    (a mixed A100 + H100 machine, or two GPUs under different loads). ``prune(configs, named_args,
+    **kwargs)`` drops configs that cannot fit the call's shape.
     """
-    cached = _tuned_cache.get(name)
+    cache_key = (name, tuple(t.name for t in tiles), device_key(device))
+    cached = _tuned_cache.get(cache_key)
     if cached is None:
         prune_by = {"early_config_prune": prune} if prune is not None else None
-        cached = triton.autotune(configs=configs_fn(), key=key, prune_configs_by=prune_by)(kernel)
-        _tuned_cache[name] = cached
+        configs = [t.config() for t in tiles]
+        cached = triton.autotune(configs=configs, key=key, prune_configs_by=prune_by)(kernel)
+        _tuned_cache[cache_key] = cached
     return cached
+
+
+def launch(kernel, grid, args: tuple, meta: dict, *, device: torch.device, name: str, tiles: list,
+           key: list[str], interp_tiles, prune=None, force=None) -> None:  # fmt: skip
+    """Launch ``kernel`` on ``device``: under the interpreter with ``interp_tiles``; with ``force`` (a
+    :class:`~.configs.Tiles`, tests) exactly that config; otherwise autotuned over ``tiles`` as the
+    ``PTPEFT_AUTOTUNE`` switch allows (one tile: launched directly, nothing timed)."""
+    with device_guard(device):
+        if force is not None:
+            kernel[grid](*args, **meta, **force.launch_kwargs())
+        elif not use_autotune(device):
+            kernel[grid](*args, **meta, **interp_tiles)
+        else:
+            usable = to_use(tiles, arch_of(device))
+            if len(usable) == 1:
+                kernel[grid](*args, **meta, **usable[0].launch_kwargs())
+            else:
+                autotuned(kernel, name, usable, key, device, prune)[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------- jit helpers

@@ -25,15 +25,15 @@ import triton.language as tl
 from ._common import (
     activate,
     activation_grad,
-    autotuned,
     bucket,
     dropout_keep,
     interpreting,
+    launch,
     mma,
     next_pow2,
     sm_count,
 )
-from ._common import use_autotune as _use_autotune
+from .configs import gemm_tiles
 
 
 @triton.jit
@@ -72,13 +72,14 @@ def _gemm_kernel(
     k_start = split * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
 
-    # 64-bit offsets: a transposed operand's K stride times the token count overflows int32.
-    a_ptrs = (
-        A + offs_m.to(tl.int64)[:, None] * stride_am + (k_start + offs_k).to(tl.int64)[None, :] * stride_ak
-    )
-    b_ptrs = (
-        B + (k_start + offs_k).to(tl.int64)[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
-    )
+    # 64-bit offsets everywhere a stride meets an index: a transposed operand's K stride times the
+    # token count overflows int32, and so does any index times the stride of a large strided view.
+    m64 = offs_m.to(tl.int64)
+    n64 = offs_n.to(tl.int64)
+    a_ptrs = A + m64[:, None] * stride_am + (k_start + offs_k).to(tl.int64)[None, :] * stride_ak
+    b_ptrs = B + (k_start + offs_k).to(tl.int64)[:, None] * stride_bk + n64[None, :] * stride_bn
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K  # tl.cast: a stride of 1 arrives as a constexpr
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -98,16 +99,16 @@ def _gemm_kernel(
         if HAS_RSUM:
             rsum += tl.sum(a.to(tl.float32), axis=1)
         acc = mma(a, b, acc, UPCAST)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += a_step
+        b_ptrs += b_step
 
     out = acc * alpha
     if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(BIAS + n64, mask=col_ok, other=0.0).to(tl.float32)
         out += alpha * bias[None, :]
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if ACT_GRAD != 0:
-        aux_ptrs = AUX + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn
+        aux_ptrs = AUX + m64[:, None] * stride_xm + n64[None, :] * stride_xn
         aux = tl.load(aux_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
         out = out * activation_grad(aux, ACT_GRAD)
     if HAS_EXTRA:
@@ -116,12 +117,12 @@ def _gemm_kernel(
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + offs_r
             a2 = tl.load(
-                A2 + offs_m.to(tl.int64)[:, None] * stride_a2m + rr[None, :] * stride_a2r,
+                A2 + m64[:, None] * stride_a2m + rr.to(tl.int64)[None, :] * stride_a2r,
                 mask=row_ok[:, None] & (rr < R)[None, :],
                 other=0.0,
             )
             b2 = tl.load(
-                B2 + rr[:, None] * stride_b2r + offs_n.to(tl.int64)[None, :] * stride_b2n,
+                B2 + rr.to(tl.int64)[:, None] * stride_b2r + n64[None, :] * stride_b2n,
                 mask=(rr < R)[:, None] & col_ok[None, :],
                 other=0.0,
             )
@@ -130,45 +131,15 @@ def _gemm_kernel(
             extra = tl.where(dropout_keep(seed, offs_m[:, None], offs_n[None, :], drop_p), extra, 0.0)
         out += scale2 * extra
     if HAS_RES:
-        res_ptrs = RES + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        res_ptrs = RES + m64[:, None] * stride_rm + n64[None, :] * stride_rn
         out += tl.load(res_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    c_ptrs = C + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = C + split.to(tl.int64) * stride_cs + m64[:, None] * stride_cm + n64[None, :] * stride_cn
     tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=tile_ok)
     # Every column tile computes the same row sums; the first one writes them. Nested, not `and`:
     # older Triton front ends reject `constexpr and tensor`.
     if HAS_RSUM:  # noqa: SIM102
         if pid_n == 0:
-            tl.store(RSUM + split * stride_rss + offs_m, rsum, mask=row_ok)
-
-
-def _configs():
-    # A small set for H100/A100-class parts: large square tiles for the big GEMMs, narrow ones
-    # for the rank-r products (BLOCK_N is pruned to the output width below).
-    # MEASURE: not yet timed on a GPU; the set follows the usual Hopper/Ampere Triton GEMM tiles.
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-        (128, 32, 64, 4, 4),
-        (64, 32, 128, 4, 3),
-        (32, 32, 128, 4, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
-    ]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles much wider than the output (rank-r products have N = r <= 64)."""
-    n, m = named_args["N"], named_args["M"]
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_N"] <= max(32, next_pow2(n)) and c.kwargs["BLOCK_M"] <= max(32, next_pow2(m))
-    ]
-    return kept or configs[-1:]
+            tl.store(RSUM + split.to(tl.int64) * stride_rss + m64, rsum, mask=row_ok)
 
 
 # Everything that changes the kernel's work per tile is part of the tuning key.
@@ -229,6 +200,7 @@ def gemm(
     dropout: tuple[str, float, int] | None = None,
     row_sum: bool = False,
     split_k: int | None = None,
+    tiles=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``alpha * (op_a(a) @ op_b(b) + bias) [* act'(aux)] + s2 * drop(a2 @ b2) + residual``.
 
@@ -236,8 +208,8 @@ def gemm(
     ``"a"``, ``"b"``, ``"extra"``: which operand holds the (token, feature) grid being dropped
     (the caller folds ``1 / (1 - p)`` into ``alpha`` or the extra scale). ``row_sum``: also
     return ``op_a(a).sum(1)`` in float32 (not scaled by ``alpha``). ``split_k``: None picks it (only for plain
-    products: bias, extra, residual and act_grad need the whole K in one program).
-    Returns (C (M, N), row sums or None).
+    products: bias, extra, residual and act_grad need the whole K in one program). ``tiles``: force one
+    :class:`~.configs.Tiles` config (tests). Returns (C (M, N), row sums or None).
     """
     m, k = a.shape
     n = b.shape[1]
@@ -295,11 +267,8 @@ def gemm(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
 
-    if _use_autotune(device):
-        kernel = autotuned(_gemm_kernel, "gemm", _configs, key=_TUNE_KEY, prune=_prune)
-        kernel[grid](*args, **flags)
-    else:
-        _gemm_kernel[grid](*args, **flags, **_interpreter_meta(m, n, k))
+    launch(_gemm_kernel, grid, args, flags, device=device, name="gemm", tiles=gemm_tiles(a.dtype, m, n),
+           key=_TUNE_KEY, interp_tiles=_interpreter_meta(m, n, k), force=tiles)  # fmt: skip
     if split_k > 1:
         result = c.sum(0).to(out_dtype)
         if out is not None:

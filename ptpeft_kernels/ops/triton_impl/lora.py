@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ... import backends
 from ..lora import OP
-from ._common import device_reason, dropout_keep, dtype_reason
+from ._common import device_guard, device_reason, dropout_keep, dtype_reason
 from .gemm import gemm
 
 
@@ -33,7 +33,8 @@ def _keep_mask_kernel(OUT, rows, cols, seed, p, BLOCK_R: tl.constexpr, BLOCK_C: 
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = dropout_keep(seed, offs_r[:, None], offs_c[None, :], p)
     ok = (offs_r < rows)[:, None] & (offs_c < cols)[None, :]
-    tl.store(OUT + offs_r.to(tl.int64)[:, None] * cols + offs_c[None, :], keep.to(tl.int8), mask=ok)
+    offsets = offs_r.to(tl.int64)[:, None] * cols + offs_c.to(tl.int64)[None, :]
+    tl.store(OUT + offsets, keep.to(tl.int8), mask=ok)
 
 
 @backends.register(OP, "triton", kind="dropout_mask")
@@ -47,7 +48,8 @@ def dropout_mask(shape, dropout_p, seed, device):
     out = torch.empty((rows, cols), dtype=torch.int8, device=device)
     if out.numel():
         grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
-        _keep_mask_kernel[grid](out, rows, cols, int(seed), float(dropout_p), BLOCK_R=32, BLOCK_C=32)
+        with device_guard(out.device):
+            _keep_mask_kernel[grid](out, rows, cols, int(seed), float(dropout_p), BLOCK_R=32, BLOCK_C=32)
     return out.view(shape).bool()
 
 

@@ -24,11 +24,10 @@ import triton.language as tl
 
 from ... import backends
 from ..prefix_attention import OP
-from ._common import autotuned, bucket, device_reason, dtype_reason, interpreting, mma, next_pow2
-from ._common import use_autotune as _use_autotune
-
-LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 128
+from ._attention_common import LOG2E, MAX_HEAD_DIM, finish_rows, fwd_tile, head_meta, mask_args, prefix_args
+from ._common import bucket, device_guard, device_reason, dtype_reason, interpreting, launch, mma
+from .attention_decode import launch_decode
+from .configs import ATTN_BWD, ATTN_FWD, PREP_BLOCK_M, attention_tiles
 
 
 def supports(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
@@ -59,47 +58,6 @@ def _query_block_key_range(start_m, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, q, KB, VB, stride_kn, stride_kd, stride_vn, stride_vd,
-    start_n, n_keys, offs_m, offs_d, d_ok, row_ok, diag, qk_scale,
-    MB, stride_mn, stride_mm,
-    BOUNDS: tl.constexpr, CAUSAL_BAND: tl.constexpr, MASK_MODE: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_keys
-    # Loads are always bounds-masked (a per-key predicate costs nothing next to the load); the
-    # score masking below is what the BOUNDS / CAUSAL_BAND specialisations skip.
-    kt_mask = n_ok[None, :] & d_ok[:, None]
-    v_mask = n_ok[:, None] & d_ok[None, :]
-    kt = tl.load(KB + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kt_mask, other=0.0)
-    s = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), UPCAST) * qk_scale
-    if BOUNDS:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    if CAUSAL_BAND:
-        s = tl.where(offs_n[None, :] <= offs_m[:, None] + diag, s, float("-inf"))
-    if MASK_MODE == 1:
-        keep = tl.load(MB + offs_n * stride_mm, mask=n_ok, other=0)
-        s = tl.where(keep[None, :] != 0, s, float("-inf"))
-    elif MASK_MODE == 2:
-        keep = tl.load(
-            MB + offs_m[:, None] * stride_mn + offs_n[None, :] * stride_mm,
-            mask=row_ok[:, None] & n_ok[None, :],
-            other=0,
-        )
-        s = tl.where(keep != 0, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # A row that has seen nothing yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(VB + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_mask, other=0.0)
-    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, PK, PV, MASK, OUT, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -120,29 +78,35 @@ def _attn_fwd_kernel(
     # Causal rows late in the sequence see the most keys: launch them first for a better tail.
     pid_m = num_m - 1 - pid % num_m
     b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUPS).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUPS
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
+    d64 = offs_d.to(tl.int64)
     row_ok = offs_m < N
     d_ok = offs_d < HEAD_D
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d64[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     diag = M - N
-    MB = MASK + b * stride_mb + h * stride_mh  # key padding passes stride_mh = 0
+    if MASK_MODE == 2:
+        MROWS = MASK + b * stride_mb + h * stride_mh + rows * stride_mn
+    else:  # key padding: one row per batch (unused without a mask)
+        MROWS = MASK + b * stride_mb
 
     # Prefix keys: never masked; only the last tile can run past P.
     PKB = PK + b * stride_pkb + hk * stride_pkh
     PVB = PV + b * stride_pvb + hk * stride_pvh
+    dpk, dpv = d64 * stride_pkd, d64 * stride_pvd
     for start_n in range(0, P, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, PKB, PVB, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-            start_n, P, offs_m, offs_d, d_ok, row_ok, diag, qk_scale, MB, stride_mn, stride_mm,
+        acc, l_i, m_i = fwd_tile(
+            acc, l_i, m_i, q, PKB, PVB, stride_pkn, stride_pvn, dpk, dpv,
+            start_n, P, offs_m, d_ok, row_ok, diag, qk_scale, MROWS, stride_mm,
             BOUNDS=True, CAUSAL_BAND=False, MASK_MODE=0, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
         )  # fmt: skip
 
@@ -151,25 +115,24 @@ def _attn_fwd_kernel(
     full_hi, hi = _query_block_key_range(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
     KB = K + b * stride_kb + hk * stride_kh
     VB = V + b * stride_vb + hk * stride_vh
+    dk, dv = d64 * stride_kd, d64 * stride_vd
     for start_n in range(0, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, KB, VB, stride_kn, stride_kd, stride_vn, stride_vd,
-            start_n, M, offs_m, offs_d, d_ok, row_ok, diag, qk_scale, MB, stride_mn, stride_mm,
+        acc, l_i, m_i = fwd_tile(
+            acc, l_i, m_i, q, KB, VB, stride_kn, stride_vn, dk, dv,
+            start_n, M, offs_m, d_ok, row_ok, diag, qk_scale, MROWS, stride_mm,
             BOUNDS=False, CAUSAL_BAND=False, MASK_MODE=MASK_MODE, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
         )  # fmt: skip
     for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, KB, VB, stride_kn, stride_kd, stride_vn, stride_vd,
-            start_n, M, offs_m, offs_d, d_ok, row_ok, diag, qk_scale, MB, stride_mn, stride_mm,
+        acc, l_i, m_i = fwd_tile(
+            acc, l_i, m_i, q, KB, VB, stride_kn, stride_vn, dk, dv,
+            start_n, M, offs_m, d_ok, row_ok, diag, qk_scale, MROWS, stride_mm,
             BOUNDS=True, CAUSAL_BAND=CAUSAL, MASK_MODE=MASK_MODE, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
         )  # fmt: skip
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw nothing have acc = 0: output 0
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    out, lse = finish_rows(acc, l_i, m_i)
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d64[None, :] * stride_od
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * N + rows, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -185,15 +148,17 @@ def _bwd_prep_kernel(
     pid = tl.program_id(0)
     bh = pid // num_m
     b = (bh // H).to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
+    d64 = offs_d.to(tl.int64)
     ok = (offs_m < N)[:, None] & (offs_d < HEAD_D)[None, :]
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    do_ptrs = DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :] * stride_dd
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d64[None, :] * stride_od
+    do_ptrs = DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dn + d64[None, :] * stride_dd
     o = tl.load(o_ptrs, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(do_ptrs, mask=ok, other=0.0).to(tl.float32)
-    row = bh.to(tl.int64) * N + offs_m
+    row = bh.to(tl.int64) * N + rows
     lse = tl.load(LSE + row, mask=offs_m < N, other=0.0)
     tl.store(DELTA + row, tl.sum(o * do, axis=1), mask=offs_m < N)
     # Base-2 LSE for exp2 in the main kernel; a row that saw nothing gets +inf so every p is 0.
@@ -205,18 +170,19 @@ def _bwd_prep_kernel(
 @triton.jit
 def _dkdv_step(
     dk, dv, k, v, QH, DOH, LSE2H, DELTAH, MBH, keep_n,
-    stride_qn, stride_qd, stride_don, stride_dod, stride_mn, stride_mm,
-    start_m, N, offs_n, n_ok, offs_d, d_ok, diag, qk_scale,
+    stride_qn, stride_don, stride_mn, stride_mm, dq_off, ddo_off,
+    start_m, N, offs_n, n_ok, d_ok, diag, qk_scale,
     CAUSAL_BAND: tl.constexpr, MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
     m_ok = offs_m < N
     qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(QH + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    do = tl.load(DOH + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+    q = tl.load(QH + rows[:, None] * stride_qn + dq_off[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DOH + rows[:, None] * stride_don + ddo_off[None, :], mask=qd_mask, other=0.0)
     # Rows past N read lse2 = +inf: their probabilities are exactly 0.
-    lse2 = tl.load(LSE2H + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTAH + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.load(LSE2H + rows, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTAH + rows, mask=m_ok, other=0.0)
     zero = tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32)
     # Transposed scores (keys x queries) so P^T and dS^T feed dV and dK without a transpose.
     st = mma(k, tl.trans(q), zero, UPCAST) * qk_scale
@@ -227,7 +193,7 @@ def _dkdv_step(
         pt = tl.where(keep_n[:, None] != 0, pt, 0.0)
     elif MASK_MODE == 2:
         keep = tl.load(
-            MBH + offs_m[None, :] * stride_mn + offs_n[:, None] * stride_mm,
+            MBH + rows[None, :] * stride_mn + offs_n.to(tl.int64)[:, None] * stride_mm,
             mask=m_ok[None, :] & n_ok[:, None],
             other=0,
         )
@@ -250,18 +216,21 @@ def _bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    n64 = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
+    d64 = offs_d.to(tl.int64)
     n_ok = offs_n < n_keys
     d_ok = offs_d < HEAD_D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(KB + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(VB + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(KB + n64[:, None] * stride_kn + d64[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(VB + n64[:, None] * stride_vn + d64[None, :] * stride_vd, mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     diag = M - N
     keep_n = n_ok.to(tl.int8)
     if MASK_MODE == 1:  # key padding: one vector per key tile, loaded once
-        keep_n = tl.load(MASK + b * stride_mb + offs_n * stride_mm, mask=n_ok, other=0).to(tl.int8)
+        keep_n = tl.load(MASK + b * stride_mb + n64 * stride_mm, mask=n_ok, other=0).to(tl.int8)
+    dq_off, ddo_off = d64 * stride_qd, d64 * stride_dod
     # Query tiles [lo, band_end) straddle the causal diagonal of this key tile; from band_end on
     # every row sees all of its keys; rows before lo see none of them and are skipped.
     if CAUSAL:  # the prefix call passes CAUSAL=False: prefix keys are visible to every query
@@ -271,7 +240,7 @@ def _bwd_dkdv(
         lo = 0
         band_end = 0
     for g in range(GROUPS):
-        h = hk * GROUPS + g
+        h = hk * GROUPS + g  # int64, like hk
         QH = Q + b * stride_qb + h * stride_qh
         DOH = DO + b * stride_dob + h * stride_doh
         LSE2H = LSE2 + (b * H + h) * N
@@ -280,36 +249,37 @@ def _bwd_dkdv(
         for start_m in range(lo, tl.minimum(band_end, N), BLOCK_M):
             dk, dv = _dkdv_step(
                 dk, dv, k, v, QH, DOH, LSE2H, DELTAH, MBH, keep_n,
-                stride_qn, stride_qd, stride_don, stride_dod, stride_mn, stride_mm,
-                start_m, N, offs_n, n_ok, offs_d, d_ok, diag, qk_scale,
+                stride_qn, stride_don, stride_mn, stride_mm, dq_off, ddo_off,
+                start_m, N, offs_n, n_ok, d_ok, diag, qk_scale,
                 CAUSAL_BAND=True, MASK_MODE=MASK_MODE, BLOCK_M=BLOCK_M, UPCAST=UPCAST,
             )  # fmt: skip
         for start_m in range(tl.maximum(band_end, lo), N, BLOCK_M):
             dk, dv = _dkdv_step(
                 dk, dv, k, v, QH, DOH, LSE2H, DELTAH, MBH, keep_n,
-                stride_qn, stride_qd, stride_don, stride_dod, stride_mn, stride_mm,
-                start_m, N, offs_n, n_ok, offs_d, d_ok, diag, qk_scale,
+                stride_qn, stride_don, stride_mn, stride_mm, dq_off, ddo_off,
+                start_m, N, offs_n, n_ok, d_ok, diag, qk_scale,
                 CAUSAL_BAND=False, MASK_MODE=MASK_MODE, BLOCK_M=BLOCK_M, UPCAST=UPCAST,
             )  # fmt: skip
     dk = dk * sm_scale
-    tl.store(DKB + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(DKB + n64[:, None] * stride_dkn + d64[None, :] * stride_dkd,
              dk.to(DKB.dtype.element_ty), mask=kv_mask)  # fmt: skip
-    tl.store(DVB + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DVB + n64[:, None] * stride_dvn + d64[None, :] * stride_dvd,
              dv.to(DVB.dtype.element_ty), mask=kv_mask)  # fmt: skip
 
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse2, delta, KB, VB, stride_kn, stride_kd, stride_vn, stride_vd,
-    start_n, n_keys, offs_m, row_ok, offs_d, d_ok, diag, qk_scale, MB, stride_mn, stride_mm,
+    dq, q, do, lse2, delta, KB, VB, stride_kn, stride_vn, dk_off, dv_off,
+    start_n, n_keys, offs_m, row_ok, d_ok, diag, qk_scale, MROWS, stride_mm,
     BOUNDS: tl.constexpr, CAUSAL_BAND: tl.constexpr, MASK_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    n64 = offs_n.to(tl.int64)
     n_ok = offs_n < n_keys
     t_mask = n_ok[None, :] & d_ok[:, None]
-    kt = tl.load(KB + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
-    vt = tl.load(VB + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+    kt = tl.load(KB + n64[None, :] * stride_kn + dk_off[:, None], mask=t_mask, other=0.0)
+    vt = tl.load(VB + n64[None, :] * stride_vn + dv_off[:, None], mask=t_mask, other=0.0)
     zero = tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)
     s = mma(q, kt, zero, UPCAST) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
@@ -318,14 +288,11 @@ def _dq_step(
     if CAUSAL_BAND:
         p = tl.where(offs_n[None, :] <= offs_m[:, None] + diag, p, 0.0)
     if MASK_MODE == 1:
-        keep = tl.load(MB + offs_n * stride_mm, mask=n_ok, other=0)
+        keep = tl.load(MROWS + n64 * stride_mm, mask=n_ok, other=0)
         p = tl.where(keep[None, :] != 0, p, 0.0)
     elif MASK_MODE == 2:
-        keep = tl.load(
-            MB + offs_m[:, None] * stride_mn + offs_n[None, :] * stride_mm,
-            mask=row_ok[:, None] & n_ok[None, :],
-            other=0,
-        )
+        m_ok = row_ok[:, None] & n_ok[None, :]
+        keep = tl.load(MROWS[:, None] + n64[None, :] * stride_mm, mask=m_ok, other=0)
         p = tl.where(keep != 0, p, 0.0)
     dp = mma(do, vt, zero, UPCAST)
     ds = p * (dp - delta[:, None])
@@ -344,47 +311,52 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
+    d64 = offs_d.to(tl.int64)
     row_ok = offs_m < N
     d_ok = offs_d < HEAD_D
     qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d64[None, :] * stride_qd,
                 mask=qd_mask, other=0.0)  # fmt: skip
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)  # fmt: skip
-    lse2 = tl.load(LSE2 + (b * H + h) * N + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + (b * H + h) * N + offs_m, mask=row_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_don
+                 + d64[None, :] * stride_dod, mask=qd_mask, other=0.0)  # fmt: skip
+    lse2 = tl.load(LSE2 + (b * H + h) * N + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + (b * H + h) * N + rows, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     diag = M - N
-    MB = MASK + b * stride_mb + h * stride_mh  # key padding passes stride_mh = 0
+    if MASK_MODE == 2:
+        MROWS = MASK + b * stride_mb + h * stride_mh + rows * stride_mn
+    else:
+        MROWS = MASK + b * stride_mb
 
     PKB = PK + b * stride_pkb + hk * stride_pkh
     PVB = PV + b * stride_pvb + hk * stride_pvh
+    dpk, dpv = d64 * stride_pkd, d64 * stride_pvd
     for start_n in range(0, P, BLOCK_N):
         dq = _dq_step(
-            dq, q, do, lse2, delta, PKB, PVB, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-            start_n, P, offs_m, row_ok, offs_d, d_ok, diag, qk_scale, MB, stride_mn, stride_mm,
+            dq, q, do, lse2, delta, PKB, PVB, stride_pkn, stride_pvn, dpk, dpv,
+            start_n, P, offs_m, row_ok, d_ok, diag, qk_scale, MROWS, stride_mm,
             BOUNDS=True, CAUSAL_BAND=False, MASK_MODE=0, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
         )  # fmt: skip
     full_hi, hi = _query_block_key_range(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
     KB = K + b * stride_kb + hk * stride_kh
     VB = V + b * stride_vb + hk * stride_vh
+    dk, dv = d64 * stride_kd, d64 * stride_vd
     for start_n in range(0, full_hi, BLOCK_N):
         dq = _dq_step(
-            dq, q, do, lse2, delta, KB, VB, stride_kn, stride_kd, stride_vn, stride_vd,
-            start_n, M, offs_m, row_ok, offs_d, d_ok, diag, qk_scale, MB, stride_mn, stride_mm,
+            dq, q, do, lse2, delta, KB, VB, stride_kn, stride_vn, dk, dv,
+            start_n, M, offs_m, row_ok, d_ok, diag, qk_scale, MROWS, stride_mm,
             BOUNDS=False, CAUSAL_BAND=False, MASK_MODE=MASK_MODE, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
         )  # fmt: skip
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_step(
-            dq, q, do, lse2, delta, KB, VB, stride_kn, stride_kd, stride_vn, stride_vd,
-            start_n, M, offs_m, row_ok, offs_d, d_ok, diag, qk_scale, MB, stride_mn, stride_mm,
+            dq, q, do, lse2, delta, KB, VB, stride_kn, stride_vn, dk, dv,
+            start_n, M, offs_m, row_ok, d_ok, diag, qk_scale, MROWS, stride_mm,
             BOUNDS=True, CAUSAL_BAND=CAUSAL, MASK_MODE=MASK_MODE, BLOCK_N=BLOCK_N, UPCAST=UPCAST,
         )  # fmt: skip
     dq = dq * sm_scale
-    dq_ptrs = (
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
-    )
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + d64[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -463,29 +435,6 @@ def _attn_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-
-def _fwd_configs():
-    # MEASURE: not yet timed on a GPU. The usual Hopper/Ampere flash-attention tiles; the
-    # autotuner drops any that run out of shared memory or registers for a head dim.
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-def _bwd_configs():
-    # Key-tile programs want wide key tiles and short query steps, query-tile programs the reverse.
-    # MEASURE: not yet timed on a GPU.
-    shapes = [
-        (32, 128, 128, 32, 8, 3),
-        (32, 64, 64, 32, 4, 3),
-        (64, 64, 64, 64, 8, 2),
-        (16, 64, 64, 16, 4, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M1": a, "BLOCK_N1": b, "BLOCK_M2": c, "BLOCK_N2": d}, num_warps=w, num_stages=s)
-        for a, b, c, d, w, s in shapes
-    ]
-
-
 _TUNE_KEY = ["N_KEY", "M_KEY", "HEAD_D", "CAUSAL", "MASK_MODE"]
 
 # Interpreter tiles: non-square and small, so the tiny test shapes span several tiles of each kind
@@ -493,35 +442,10 @@ _TUNE_KEY = ["N_KEY", "M_KEY", "HEAD_D", "CAUSAL", "MASK_MODE"]
 _INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
 _INTERP_BWD = {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16}
 
-
-def _mask_args(attn_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
-    """(pointer tensor, 4 strides, MASK_MODE): 0 none, 1 key padding (B, M), 2 full (B, 1|Hq, 1|N, M)."""
-    if attn_mask is None:
-        return q, (0, 0, 0, 0), 0
-    mask = attn_mask.view(torch.uint8)
-    if mask.dim() == 2:
-        return mask, (mask.stride(0), 0, 0, mask.stride(1)), 1
-    _, mh, mn, _ = mask.shape
-    strides = (
-        mask.stride(0),
-        mask.stride(1) if mh > 1 else 0,
-        mask.stride(2) if mn > 1 else 0,
-        mask.stride(3),
-    )
-    return mask, strides, 2
-
-
-def _prefix_args(prefix: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.Tensor, tuple, int]:
-    """(pointer tensor, (batch, head, row, dim) strides, P); a shared prefix has batch stride 0."""
-    if prefix is None:
-        return k, (0, 0, 0, 0), 0
-    if prefix.dim() == 3:
-        return prefix, (0, *prefix.stride()), prefix.shape[1]
-    return prefix, tuple(prefix.stride()), prefix.shape[2]
-
-
-def _head_meta(d: int) -> dict:
-    return {"HEAD_D": d, "BLOCK_D": next_pow2(d)}  # non-power-of-two head dims are zero-padded
+# Up to this many queries the forward takes the small-N kernel (attention_decode.py): the query
+# rows of a GQA group share one 16-row tile and the keys split over programs, where this kernel
+# would pad every head's rows to a >= 64-row tile and run B * Hq programs.
+DECODE_MAX_N = 16
 
 
 @backends.register(OP, "triton", supports=supports)
@@ -531,35 +455,46 @@ def forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale):
     lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or n == 0:
         return out, lse
-    return _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse)
+    return launch_any_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse)
 
 
-def _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse):
-    """Run the forward kernel into ``out`` / ``lse`` (tests pass sentinel-filled buffers)."""
+def launch_any_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse, tiles=None,
+                       split_keys=None):  # fmt: skip
+    """The small-N kernel for N <= DECODE_MAX_N, else the general one (``tiles``: that kernel's config)."""
+    if q.shape[2] <= DECODE_MAX_N:
+        args = (q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse)
+        return launch_decode(*args, tiles=tiles, split_keys=split_keys)
+    return _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse, tiles)
+
+
+def _launch_forward(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale, out, lse, tiles=None):
+    """Run the forward kernel into ``out`` / ``lse`` (tests pass sentinel-filled buffers, and
+    ``tiles`` to force one config)."""
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
-    pk, pk_strides, p = _prefix_args(prefix_k, k)
-    pv, pv_strides, _ = _prefix_args(prefix_v, v)
-    mask, mask_strides, mode = _mask_args(attn_mask, q)
+    pk, pk_strides, p = prefix_args(prefix_k, k)
+    pv, pv_strides, _ = prefix_args(prefix_v, v)
+    mask, mask_strides, mode = mask_args(attn_mask, q)
     args = (
         q, k, v, pk, pv, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides, *out.stride(),
         hq, n, m, p, hq // hkv, float(scale) * LOG2E, bucket(n), bucket(m),
     )  # fmt: skip
-    meta = {**_head_meta(d), "CAUSAL": bool(causal), "MASK_MODE": mode, "UPCAST": interpreting()}
+    head = head_meta(d)
+    meta = {**head, "CAUSAL": bool(causal), "MASK_MODE": mode, "UPCAST": interpreting()}
 
     def grid(cfg):
         return (b * hq * triton.cdiv(n, cfg["BLOCK_M"]),)
 
-    if _use_autotune(q.device):
-        autotuned(_attn_fwd_kernel, "attn_fwd", _fwd_configs, _TUNE_KEY)[grid](*args, **meta)
-    else:
-        _attn_fwd_kernel[grid](*args, **meta, **_INTERP_FWD)
+    launch(_attn_fwd_kernel, grid, args, meta, device=q.device, name="attn_fwd",
+           tiles=attention_tiles(ATTN_FWD, q.dtype, head["BLOCK_D"]), key=_TUNE_KEY,
+           interp_tiles=_INTERP_FWD, force=tiles)  # fmt: skip
     return out, lse
 
 
 @backends.register(OP, "triton", kind="backward")
-def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale):
+def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale, tiles=None):
+    """dq, dk, dv, dprefix_k, dprefix_v; ``tiles`` forces one backward config (tests)."""
     dout = dout.contiguous()  # autograd hands dO in whatever layout the consumer produced
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
@@ -581,7 +516,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, sca
         dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=device)
     if b * hkv > 0 and (n + m + (0 if prefix_k is None else prefix_k.shape[-2])) > 0:
         _launch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale,
-                         dq, dk, dv, dpk, dpv)  # fmt: skip
+                         dq, dk, dv, dpk, dpv, tiles)  # fmt: skip
     elif dpk is not None:
         dpk.zero_()
         dpv.zero_()
@@ -594,27 +529,28 @@ def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, sca
 
 
 def _launch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale,
-                     dq, dk, dv, dpk, dpv):  # fmt: skip
+                     dq, dk, dv, dpk, dpv, tiles=None):  # fmt: skip
     b, hq, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
     device = q.device
     delta = torch.empty((b, hq, n), dtype=torch.float32, device=device)
     lse2 = torch.empty((b, hq, n), dtype=torch.float32, device=device)
-    head = _head_meta(d)
+    head = head_meta(d)
     if n > 0 and hq > 0:
         # A separate pass: inlining delta would re-read O once per key tile instead of once.
-        block = 32 if interpreting() else 64
-        _bwd_prep_kernel[(b * hq * triton.cdiv(n, block),)](
-            out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), hq, n,
-            BLOCK_M=block, **head,
-        )  # fmt: skip
-    pk, pk_strides, p = _prefix_args(prefix_k, k)
-    pv, pv_strides, _ = _prefix_args(prefix_v, v)
+        block = 32 if interpreting() else PREP_BLOCK_M
+        with device_guard(device):
+            _bwd_prep_kernel[(b * hq * triton.cdiv(n, block),)](
+                out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), hq, n,
+                BLOCK_M=block, **head,
+            )  # fmt: skip
+    pk, pk_strides, p = prefix_args(prefix_k, k)
+    pv, pv_strides, _ = prefix_args(prefix_v, v)
     if dpk is None:
         dpk, dpv, dpk_strides, dpv_strides = dk, dv, (0, 0, 0, 0), (0, 0, 0, 0)
     else:
         dpk_strides, dpv_strides = tuple(dpk.stride()), tuple(dpv.stride())
-    mask, mask_strides, mode = _mask_args(attn_mask, q)
+    mask, mask_strides, mode = mask_args(attn_mask, q)
     args = (
         q, k, v, pk, pv, mask, dout, lse2, delta, dq, dk, dv, dpk, dpv,
         *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides,
@@ -631,7 +567,6 @@ def _launch_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, cau
         )  # fmt: skip
         return (b * hkv * per_bh,)
 
-    if _use_autotune(device):
-        autotuned(_attn_bwd_kernel, "attn_bwd", _bwd_configs, _TUNE_KEY)[grid](*args, **meta)
-    else:
-        _attn_bwd_kernel[grid](*args, **meta, **_INTERP_BWD)
+    launch(_attn_bwd_kernel, grid, args, meta, device=device, name="attn_bwd",
+           tiles=attention_tiles(ATTN_BWD, q.dtype, head["BLOCK_D"]), key=_TUNE_KEY,
+           interp_tiles=_INTERP_BWD, force=tiles)  # fmt: skip
