@@ -434,6 +434,16 @@ def render(draw: bool = True, root: Path = RESULTS, base: Path = ROOT) -> str:
         "timed; one that was not timed says why. Per benchmark the run shown is the latest `--sweep` "
         "run of that device kind, else the latest `--quick` run, else the latest run.",
         "",
+        "To measure again (each appends to `benchmarks/results/<name>.csv`): `python benchmarks/attn.py "
+        "--sweep`, `python benchmarks/lora.py --sweep`, `python benchmarks/adapter.py --sweep`, `python "
+        "benchmarks/train_step.py --sweep` (real-shaped layers) and `python benchmarks/train_step.py` (the "
+        "built-in model), then `python benchmarks/report.py` (rewrites this block, redraws "
+        "`benchmarks/results/plots/`). `--quick` runs a representative subset of each in minutes; on a GPU "
+        "add `--dtype bfloat16` (the sweeps there reach N = 16384), or run `benchmarks/gpu_suite.py`. "
+        "`python benchmarks/plot.py CSV` draws any CSV's sweeps. Micro-benchmarks for regressions between "
+        "commits: `python -m pytest benchmarks/ --benchmark-only --benchmark-autosave`, later "
+        "`--benchmark-compare`.",
+        "",
         "### CPU",
         "",
     ]

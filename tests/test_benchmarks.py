@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import csv
+import time
 
 import pytest
 import torch
@@ -126,6 +127,24 @@ def test_a_provider_that_disagrees_or_cannot_run_a_mode_is_reported_not_timed():
     assert status[("absent", "full")] == "skipped: not installed"
     for r in rows:
         assert (r.median_ms is None) == (r.status != "ok") and r.extra["k"] == 1
+
+
+def test_compile_time_is_the_first_call_less_the_median_and_never_timed():
+    """The first call of a compiled provider is its float64 check: that is where it compiles."""
+    x = torch.randn(3)
+    calls = []
+
+    def compiles_on_first_call(x):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)  # the "compilation"
+        return x * 2
+
+    provider = common.Provider(compiles_on_first_call, (x,), [], compiled=True)
+    rows = common.run_providers(
+        "t", {"c": provider}, lambda n, o: None, ["inference"], "s", torch.float32, torch.device("cpu"), 0, 3
+    )
+    assert rows[0].extra["compile_s"] >= 0.25 and rows[0].median_ms < 250  # compiled once, never timed
 
 
 def test_any_other_exception_of_a_provider_propagates():
