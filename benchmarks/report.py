@@ -212,7 +212,8 @@ TITLES = {
 NOTES = {
     "attn": "fwd+bwd = forward and backward (mode `full`). *Forward compared with FlexAttention: "
     "without autograd (mode `inference`) where FlexAttention has no backward (the CPU), else the "
-    "training forward. Flex compile s: its first call less the median (never in the timings).",
+    "training forward. Flex compile s: its first call less the median (never in the timings; near "
+    "zero when the inductor's on-disk cache already held that shape's kernel).",
     "train_step": "ms = one optimizer step (forward, backward, AdamW, zero_grad); MiB = its peak.",
 }
 NOTES["train_step_real"] = NOTES["train_step"]
