@@ -137,6 +137,9 @@ def reference_logits(
                 grow = (batch, *k.shape[-3:])
                 cache.update(k.to(dtype).expand(grow), v.to(dtype).expand(grow), i)
             kwargs["past_key_values"] = cache
+            if "attention_mask" in kwargs:  # a padding mask covers past + current keys: the prefix is visible
+                mask = kwargs["attention_mask"]
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, k.shape[-2]), mask], dim=1)
         try:
             with (
                 warnings.catch_warnings()
@@ -211,7 +214,7 @@ def shared_model(config, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def real_providers(args, shape: str, layers: int, seq: int, device, dtype) -> tuple[dict, dict, Callable]:
-    """(providers, their check verdicts, ``recheck()``: the check run again) at one real shape."""
+    """(providers, their check verdicts, ``recheck(inputs=None)``: the check again) at one real shape."""
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -272,8 +275,8 @@ def real_providers(args, shape: str, layers: int, seq: int, device, dtype) -> tu
     gen = torch.Generator(device="cpu").manual_seed(2)
     ids = torch.randint(0, VOCAB, (1, CHECK_TOKENS), generator=gen).to(device)
 
-    def recheck() -> dict:
-        return check_providers(providers, prefix_len, make_ref, state, {"input_ids": ids})
+    def recheck(inputs: dict | None = None) -> dict:
+        return check_providers(providers, prefix_len, make_ref, state, inputs or {"input_ids": ids})
 
     return providers, recheck(), recheck
 

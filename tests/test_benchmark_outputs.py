@@ -66,6 +66,16 @@ def test_the_step_check_catches_a_provider_whose_lora_or_prefix_is_not_applied(t
     assert common.provider_error("s2", out, dropped, dropped.float()) is not None
 
 
+def test_the_step_check_holds_with_padding_the_prefix_stays_visible(tiny_step):
+    """A padded batch: the reference's mask must cover the cached prefix too (it did not: every prefixed
+    provider of the built-in model, whose batches are padded, was reported wrong)."""
+    _, _, recheck = tiny_step
+    ids = torch.randint(0, train_step.VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    assert recheck({"input_ids": ids, "attention_mask": mask}) == dict.fromkeys(tiny_step[0])
+
+
 def test_the_real_shape_step_runs_and_logs_each_provider(tmp_path, capsys):
     path = tmp_path / "step.csv"
     argv = ["--shape", "tiny", "--seq", "12", "--batch", "1", "2", "--text-tokens", "4", "--rank", "4"]
