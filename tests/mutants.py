@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown mutant(s) {unknown}; see --list")
         selected = [m for m in MUTANTS if m.name in args.only]
 
+    # A terminated run still removes its copy (and subprocess.run kills the pytest it waits for).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="ptpeft-mutants-"))
     copy = tmp / "repo"
     results = []
