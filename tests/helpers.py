@@ -91,3 +91,90 @@ def triton_marks() -> list:
             "triton" not in pk.available_backends(), reason="needs triton (a GPU or the interpreter)"
         ),
     ]
+
+
+# ----------------------------------------------------------------------- references from first principles
+#
+# Written from DESIGN.md's definitions alone: nothing here calls ptpeft_kernels (checked by
+# tests/test_reference_independence.py), so a bug in a mask or activation helper that the library
+# shares between its own reference and an implementation cannot hide behind both.
+
+
+def attention_visibility(
+    b: int, hq: int, n: int, m: int, *, causal: bool, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Bool (B, Hq, N, M): whether query i of head h in sample b sees sequence key j.
+
+    ``causal`` is bottom-right aligned: i sees j iff j <= i + (M - N). ``attn_mask`` (True = attend)
+    is a key-padding (B, M) mask or (B, 1 or Hq, 1 or N, M).
+    """
+    query = torch.arange(n).view(n, 1)
+    key = torch.arange(m).view(1, m)
+    visible = torch.ones(b, hq, n, m, dtype=torch.bool)
+    if causal:
+        visible &= (key - query <= m - n).expand(b, hq, n, m)
+    if attn_mask is not None:
+        mask = attn_mask.detach().cpu()
+        if mask.dim() == 2:
+            assert tuple(mask.shape) == (b, m), f"a key-padding mask is (B, M) = {(b, m)}, got {mask.shape}"
+            mask = mask.view(b, 1, 1, m)
+        mb, mh, mn, mm = mask.shape
+        assert mb == b and mh in (1, hq) and mn in (1, n) and mm == m, f"mask {tuple(mask.shape)}"
+        visible &= mask.expand(b, hq, n, m)
+    return visible
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Prefix attention by its definition, on the CPU, computed in ``dtype``; returns (B, Hq, N, D) in it.
+
+    Query head h reads key/value head h // (Hq // Hkv); every query sees every prefix key; the
+    sequence keys are masked by :func:`attention_visibility`; a row that sees nothing is zero.
+    Differentiable: with float64 leaves it gives the float64 reference gradients, with the
+    kernel's dtype the "same-dtype PyTorch" error yardstick of the low-precision rule.
+    """
+    b, hq, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    group = hq // hkv
+    kv_head = torch.tensor([h // group for h in range(hq)])
+    scale = d**-0.5 if scale is None else scale
+    keys, values = k.cpu().to(dtype)[:, kv_head], v.cpu().to(dtype)[:, kv_head]  # (B, Hq, M, D)
+    visible = attention_visibility(b, hq, n, m, causal=causal, attn_mask=attn_mask)
+    if prefix_k is not None:
+        pk_, pv_ = prefix_k.cpu().to(dtype), prefix_v.cpu().to(dtype)
+        if pk_.dim() == 3:  # shared by the batch
+            pk_, pv_ = pk_.unsqueeze(0).expand(b, -1, -1, -1), pv_.unsqueeze(0).expand(b, -1, -1, -1)
+        keys = torch.cat([pk_[:, kv_head], keys], dim=2)
+        values = torch.cat([pv_[:, kv_head], values], dim=2)
+        seen = torch.ones(b, hq, n, pk_.shape[2], dtype=torch.bool)
+        visible = torch.cat([seen, visible], dim=-1)
+    scores = (q.cpu().to(dtype) @ keys.transpose(-1, -2)) * scale
+    top = scores.masked_fill(~visible, float("-inf")).amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.where(visible, torch.exp(scores - top), torch.zeros_like(scores))
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(total > 0, total, torch.ones_like(total))
+    return probs @ values
+
+
+def activation_reference(h: torch.Tensor, name: str) -> torch.Tensor:
+    """The adapter activations from their formulas (use float64 ``h``)."""
+    if name == "gelu":  # x * Phi(x)
+        return h * 0.5 * (1.0 + torch.erf(h / 2.0**0.5))
+    if name == "gelu_tanh":
+        return 0.5 * h * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (h + 0.044715 * h * h * h)))
+    if name == "relu":
+        return h.clamp_min(0.0)
+    if name == "silu":  # x * sigmoid(x)
+        return h / (1.0 + torch.exp(-h))
+    raise ValueError(f"unknown activation {name!r}")

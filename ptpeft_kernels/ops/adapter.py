@@ -28,6 +28,19 @@ OP = "adapter"
 # ----------------------------------------------------------------------------- reference
 
 
+def _activation_ref(h: Tensor, activation: str) -> Tensor:
+    """The activations from their formulas, apart from the backends' ``activate`` (which they check)."""
+    if activation == "gelu":  # x * Phi(x), Phi the standard normal CDF
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if activation == "gelu_tanh":  # the tanh approximation of GELU
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    if activation == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    if activation == "silu":
+        return h * torch.sigmoid(h)
+    raise ValueError(f"activation must be one of gelu, gelu_tanh, relu, silu, got {activation!r}")
+
+
 def adapter_ref(
     x: Tensor,
     down_weight: Tensor,
@@ -45,7 +58,9 @@ def adapter_ref(
     h = x.to(dtype) @ down_weight.to(dtype).t()
     if down_bias is not None:
         h = h + down_bias.to(dtype)
-    u = activate(h, activation) @ up_weight.to(dtype).t()
+    # Rounded once from float32 in low precision, as PyTorch's own bf16 / fp16 activations are.
+    act = _activation_ref(h.to(torch.promote_types(dtype, torch.float32)), activation).to(dtype)
+    u = act @ up_weight.to(dtype).t()
     if up_bias is not None:
         u = u + up_bias.to(dtype)
     base = x if residual is None else residual

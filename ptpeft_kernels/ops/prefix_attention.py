@@ -33,16 +33,23 @@ OP = "prefix_attention"
 # ----------------------------------------------------------------------------- reference
 
 
-def _sequence_visibility(
-    attn_mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device
+def _reference_visibility(
+    attn_mask: Tensor | None, causal: bool, b: int, n: int, m: int, device: torch.device
 ) -> Tensor | None:
-    """Bool (B|1, Hq|1, N, M) mask of visible sequence keys, or None when all are visible."""
-    visible = None
-    if causal:
-        visible = torch.ones(n, m, dtype=torch.bool, device=device).tril(m - n)[None, None]
-    if attn_mask is not None:
-        keep = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
-        visible = keep if visible is None else visible & keep
+    """The reference's own bool (B, 1|Hq, N, M) visibility of sequence keys, written from the definition.
+
+    Deliberately not shared with the implementations (whose joint path builds its mask with
+    :func:`_sequence_visibility`): a reference that reuses the code it checks cannot catch its bugs.
+    """
+    if not causal and attn_mask is None:
+        return None
+    visible = torch.ones(b, 1, n, m, dtype=torch.bool, device=device)
+    if causal:  # bottom-right aligned: query i sees key j iff j <= i + (M - N)
+        query = torch.arange(n, device=device).view(n, 1)
+        key = torch.arange(m, device=device).view(1, m)
+        visible = visible & (key <= query + (m - n))
+    if attn_mask is not None:  # key padding (B, M), or (B, 1|Hq, 1|N, M)
+        visible = visible & (attn_mask.reshape(b, 1, 1, m) if attn_mask.dim() == 2 else attn_mask)
     return visible
 
 
@@ -79,7 +86,7 @@ def prefix_attention_ref(
     keys = keys.repeat_interleave(groups, dim=1)
     values = values.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.to(dtype), keys.transpose(-1, -2)) * scale
-    visible = _sequence_visibility(attn_mask, causal, n, m, q.device)
+    visible = _reference_visibility(attn_mask, causal, b, n, m, q.device)
     if visible is not None:
         prefix_visible = torch.ones(1, 1, 1, num_prefix, dtype=torch.bool, device=q.device)
         visible = torch.cat([prefix_visible.expand(*visible.shape[:3], -1), visible], dim=-1)
@@ -237,6 +244,19 @@ def _joint_wanted(q: Tensor, k: Tensor, prefix_k: Tensor | None) -> bool:
     b, hkv, m, d = k.shape
     keys = prefix_k.shape[-2] + m
     return q.shape[2] * keys <= _JOINT_MAX_SCORES and b * hkv * keys * d <= _JOINT_MAX_COPY
+
+
+def _sequence_visibility(
+    attn_mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device
+) -> Tensor | None:
+    """The joint path's bool (B|1, Hq|1, N, M) mask of visible sequence keys; None when all are visible."""
+    visible = None
+    if causal:
+        visible = torch.ones(n, m, dtype=torch.bool, device=device).tril(m - n)[None, None]
+    if attn_mask is not None:
+        keep = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+        visible = keep if visible is None else visible & keep
+    return visible
 
 
 def _joint_part(k, v, prefix_k, prefix_v, attn_mask, causal, n) -> _Part:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,16 +79,58 @@ def test_rank_k_with_equal_singular_values(gen, rank):
     assert A.remaining_rank_ratio([f], 1.0) == pytest.approx(100.0 * rank / n)
 
 
+def rank_ratio_by_hand(samples: list[torch.Tensor], threshold: float) -> float:
+    """The paper's recipe step by step, with numpy's SVD and explicit loops (no library code)."""
+    spectra = []
+    for f in samples:
+        s = np.linalg.svd(f.numpy(), compute_uv=False)
+        spectra.append([x / s.sum() for x in s])
+    n = len(spectra[0])
+    mean = [sum(sp[j] for sp in spectra) / len(spectra) for j in range(n)]
+    total = 0.0
+    for k in range(1, n + 1):
+        total += mean[k - 1]
+        if total >= threshold - 1e-10:
+            return 100.0 * k / n
+    return 100.0
+
+
 @pytest.mark.parametrize("rank", [1, 4, 7])
 def test_random_rank_k_at_threshold_one(gen, rank):
+    """Mutation it guards against (the old check was one-sided, ``<= 100 rank / 12``): singular values
+    normalised by the samples' mean total instead of each sample's own (``sv / totals`` ->
+    ``sv / totals.mean()`` in ``normalized_spectra``): large samples then dominate the average."""
     samples = [
         torch.randn(20, rank, dtype=torch.float64, generator=gen)
         @ torch.randn(rank, 12, dtype=torch.float64, generator=gen)
-        for _ in range(5)
+        # Ever steeper spectra in ever larger samples: each sample must be normalised on its own.
+        * torch.logspace(0, -0.5 * i, 12, dtype=torch.float64)
+        * 10.0**i
+        for i in range(5)
     ]
     # Every sample has exactly `rank` non-zero singular values: full mass after `rank` of 12.
     assert A.remaining_rank_ratio(samples, 1.0) == pytest.approx(100.0 * rank / 12)
-    assert A.remaining_rank_ratio(samples, 0.9) <= 100.0 * rank / 12
+    for threshold in (0.5, 0.6, 0.7, 0.8, 0.9):
+        assert A.remaining_rank_ratio(samples, threshold) == pytest.approx(
+            rank_ratio_by_hand(samples, threshold)
+        )
+
+
+def test_default_threshold_is_the_papers_0_9(gen):
+    """Mutation it guards against: the default threshold changed from 0.9 to 0.8 (in
+    ``remaining_rank_ratio``, ``rank_ratio_from_curve``, the analysis CLI or the driver's
+    ``--rank-threshold``). A flat spectrum of rank 10 in 24 needs 9 values at 0.9 and 8 at 0.8."""
+    from ptpeft_kernels.analysis.cli import build_parser as analysis_parser
+    from ptpeft_kernels.train.config import build_parser as train_parser
+
+    f = with_singular_values([2.5] * 10, 32, 24, gen)
+    assert A.remaining_rank_ratio([f], 0.8) == pytest.approx(100.0 * 8 / 24)  # the two thresholds differ
+    assert A.remaining_rank_ratio([f]) == pytest.approx(100.0 * 9 / 24)
+    assert A.rank_ratio_from_curve(A.cumulative_spectrum([f])) == pytest.approx(100.0 * 9 / 24)
+    assert analysis_parser().get_default("threshold") == 0.9
+    assert train_parser().get_default("rank_threshold") == 0.9
+    for fn in (A.compare_representations, A.plot_cumulative_spectra, A.plot_rank_ratio_per_layer):
+        assert inspect.signature(fn).parameters["threshold"].default == 0.9, fn.__name__
 
 
 def test_scale_and_orthogonal_invariance(gen):

@@ -54,14 +54,23 @@ def test_merge_unmerge_round_trip():
 
 
 def test_lora_dropout_only_in_training():
+    """In eval mode the layer is exactly ``base(x) + scaling * x A^T B^T``; dropout acts only in training.
+
+    Mutation it guards against (the old check compared ``layer(x)`` with ``layer(x)``): eval
+    outputs scaled by the keep rate (``self.scaling,`` -> ``self.scaling if self.training else
+    self.scaling * (1.0 - self.dropout),`` in ``LoRALinear.forward``), as non-inverted dropout would.
+    """
     torch.manual_seed(0)
-    layer = pk.LoRALinear(nn.Linear(16, 8), r=4, dropout=0.5)
+    layer = pk.LoRALinear(nn.Linear(16, 8).double(), r=4, dropout=0.5).double()
     nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(6, 16)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    expected = layer.base_layer(x) + layer.scaling * (x @ a.t()) @ b.t()
     layer.eval()
-    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     layer.train()
-    assert not torch.allclose(layer(x), layer(x))
+    first, second = layer(x), layer(x)
+    assert not torch.allclose(first, second) and not torch.allclose(first, expected)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import torch
 import ptpeft_kernels as pk
 from ptpeft_kernels.ops.activations import ACTIVATIONS, activate, activation_grad
 from ptpeft_kernels.ops.adapter import adapter_ref
-from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf, noncontiguous
+from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, activation_reference, assert_close, leaf, noncontiguous
 from tests.ops.test_lora import saved_tensors_during
 
 
@@ -76,6 +76,28 @@ def test_activation_derivatives_match_autograd(activation):
     h = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_()
     (expected,) = torch.autograd.grad(activate(h, activation).sum(), h)
     torch.testing.assert_close(activation_grad(h.detach(), activation), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_and_backend_activations_follow_their_formulas(activation):
+    """``adapter_ref`` and the backends' ``activate`` against tests.helpers' formulas, in float64.
+
+    Mutation it guards against: the backends' GELU switched to its tanh approximation
+    (``F.gelu(h)`` -> ``F.gelu(h, approximate="tanh")`` in ``activations.activate``). While
+    ``adapter_ref`` called that same helper, the forward comparisons agreed with it (2.8e-7
+    apart); only the gradients, from ``activation_grad`` which the reference did not share, differed.
+    """
+    h = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    torch.testing.assert_close(
+        activate(h, activation), activation_reference(h, activation), rtol=1e-12, atol=1e-12
+    )
+    t = make((2, 7), 24, 8, torch.float64, residual=True)
+    x, wd, bd, wu, bu, res = (
+        t[n].detach() for n in ("x", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
+    )
+    expected = res + 0.7 * (activation_reference(x @ wd.t() + bd, activation) @ wu.t() + bu)
+    got = adapter_ref(x, wd, bd, wu, bu, activation=activation, scaling=0.7, residual=res)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_only_bottleneck_sized_activations_are_saved():

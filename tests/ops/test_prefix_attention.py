@@ -1,4 +1,8 @@
-"""prefix_attention, torch backend: forward and all five gradients against the float64 reference."""
+"""prefix_attention, torch backend: forward and all five gradients against the float64 reference.
+
+The reference is ``tests.helpers.attention_reference``, written from the definition without any
+library code; the library's own ``prefix_attention_ref`` is checked against it here too.
+"""
 
 import sys
 from dataclasses import dataclass
@@ -8,7 +12,7 @@ import torch
 
 import ptpeft_kernels as pk
 from ptpeft_kernels.ops.prefix_attention import prefix_attention_ref
-from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, assert_close, leaf, noncontiguous
+from tests.helpers import DTYPE_TOLS, GRAD_FACTOR, assert_close, attention_reference, leaf, noncontiguous
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ CASES = [
     Case(mask="keypad_empty", p=2, n=5, m=9),  # ... but still see the prefix
     Case(mask="keypad", causal=False, p=None),
     Case(mask="full1", n=5, m=9),
+    Case(mask="fullh", n=5, m=9),  # per-head mask with a prefix (the joint path's concatenated mask)
+    Case(mask="keypad", hkv=1, n=3, m=8, p=2, shared=False),  # multi-query, M > N, padding, prefix
     Case(mask="fullh", n=5, m=9, p=None),
     Case(mask="full_empty_rows", p=None, n=5, m=9),
     Case(mask="full_empty_rows", p=4, causal=False, n=5, m=9),
@@ -134,6 +140,12 @@ def run(fn, tensors, mask, causal, **kwargs):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_float64_reference(case, dtype, atol, rtol, cpu_path):
+    """Split and joint CPU paths against the first-principles reference.
+
+    Mutation it guards against: the joint path's causal rule shifted by one (``.tril(m - n)`` ->
+    ``.tril(m - n + 1)`` in ``_sequence_visibility``). While the library reference built its mask
+    with that same helper, 42 joint cases passed on it.
+    """
     tensors, mask = make_inputs(case, dtype)
     out = run(pk.prefix_attention, tensors, mask, case.causal, backend="torch")
     assert out.dtype == dtype and out.shape == (case.b, case.hq, case.n, case.d)
@@ -141,12 +153,12 @@ def test_matches_float64_reference(case, dtype, atol, rtol, cpu_path):
     got = torch.autograd.grad(out, tensors, grad_out)
 
     ref_in = [leaf(t.double()) for t in tensors]
-    ref = run(prefix_attention_ref, ref_in, mask, case.causal)
+    ref = run(attention_reference, ref_in, mask, case.causal)
     ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
     lowp = lowp_grads = None
     if dtype in (torch.bfloat16, torch.float16):
         lowp_in = [leaf(t) for t in tensors]
-        lowp = run(prefix_attention_ref, lowp_in, mask, case.causal, upcast=False)
+        lowp = run(attention_reference, lowp_in, mask, case.causal, dtype=dtype)
         lowp_grads = torch.autograd.grad(lowp, lowp_in, grad_out)
 
     assert_close("out", out, ref, atol=atol, rtol=rtol, ref_lowp=lowp)
@@ -224,7 +236,7 @@ def test_generic_engine_matches_reference(case, monkeypatch):
     out = run(pk.prefix_attention, tensors, mask, case.causal, backend="torch")
     got = torch.autograd.grad(out.sum(), tensors)
     ref_in = [leaf(t.double()) for t in tensors]
-    ref = run(prefix_attention_ref, ref_in, mask, case.causal)
+    ref = run(attention_reference, ref_in, mask, case.causal)
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
     assert_close("out", out, ref, atol=2e-5, rtol=2e-5)
     for g, r in zip(got, ref_grads, strict=True):
@@ -237,8 +249,8 @@ def test_no_sequence_keys_attends_to_prefix_only():
     k = v = torch.zeros(1, 2, 0, 8, dtype=torch.float64)
     pk_, pv_ = torch.randn(2, 2, 4, 8, generator=gen, dtype=torch.float64).unbind(0)
     out = pk.prefix_attention(q, k, v, pk_, pv_, causal=False, backend="torch")
-    ref = prefix_attention_ref(q, k, v, pk_, pv_, causal=False)
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, attention_reference(q, k, v, pk_, pv_, causal=False))
+    torch.testing.assert_close(prefix_attention_ref(q, k, v, pk_, pv_, causal=False), out)
 
 
 def test_matches_sdpa_without_prefix():
@@ -246,6 +258,7 @@ def test_matches_sdpa_without_prefix():
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 7, 16, generator=gen, dtype=torch.float64).unbind(0)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attention_reference(q, k, v), expected)
     torch.testing.assert_close(prefix_attention_ref(q, k, v), expected)
     torch.testing.assert_close(pk.prefix_attention(q, k, v, backend="torch"), expected)
 
@@ -254,9 +267,28 @@ def test_custom_scale():
     case = Case(n=5, m=9)
     tensors, mask = make_inputs(case, torch.float64)
     out = run(pk.prefix_attention, tensors, mask, True, scale=0.3, backend="torch")
-    ref = run(prefix_attention_ref, tensors, mask, True, scale=0.3)
+    ref = run(attention_reference, tensors, mask, True, scale=0.3)
     torch.testing.assert_close(out, ref)
-    assert not torch.allclose(out, run(prefix_attention_ref, tensors, mask, True))
+    assert not torch.allclose(out, run(attention_reference, tensors, mask, True))
+    torch.testing.assert_close(run(prefix_attention_ref, tensors, mask, True, scale=0.3), ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_library_reference_matches_first_principles(case):
+    """``pk.prefix_attention_ref`` (what benchmarks and users compare against) is the definition.
+
+    Mutation it guards against: the reference's own causal rule shifted by one
+    (``key <= query + (m - n)`` -> ``key <= query + (m - n) + 1`` in ``_reference_visibility``).
+    """
+    tensors, mask = make_inputs(case, torch.float64)
+    ref = run(prefix_attention_ref, tensors, mask, case.causal)
+    expected = run(attention_reference, tensors, mask, case.causal)
+    torch.testing.assert_close(ref, expected, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(ref, tensors, grad_out)
+    want = torch.autograd.grad(expected, tensors, grad_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- bad input

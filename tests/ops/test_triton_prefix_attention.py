@@ -4,6 +4,7 @@ On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.p
 shapes are small but span several tiles of every kind the kernels distinguish: the prefix
 tail, key tiles every row sees whole, the causal diagonal band, tiles skipped past it, and
 partial query/key tiles. On a CUDA machine the same cases run natively with longer sequences.
+The reference is ``tests.helpers.attention_reference`` (the definition, no library code).
 """
 
 import dataclasses
@@ -22,6 +23,7 @@ from tests.helpers import (
     DTYPE_TOLS,
     GRAD_FACTOR,
     assert_close,
+    attention_reference,
     leaf,
     noncontiguous,
     triton_marks,
@@ -98,12 +100,12 @@ def check(case: Case, dtype, atol, rtol, scale=None):
 
     ref_in = [leaf(t.detach().cpu().double()) for t in tensors]
     mask_cpu = None if mask is None else mask.cpu()
-    ref = run(prefix_attention_ref, ref_in, mask_cpu, case.causal, **kwargs)
+    ref = run(attention_reference, ref_in, mask_cpu, case.causal, **kwargs)
     ref_grads = torch.autograd.grad(ref, ref_in, grad_out.cpu().double())
     lowp = lowp_grads = None
     if dtype in (torch.bfloat16, torch.float16):
         lowp_in = [leaf(t.detach().cpu()) for t in tensors]
-        lowp = run(prefix_attention_ref, lowp_in, mask_cpu, case.causal, upcast=False, **kwargs)
+        lowp = run(attention_reference, lowp_in, mask_cpu, case.causal, dtype=dtype, **kwargs)
         lowp_grads = torch.autograd.grad(lowp, lowp_in, grad_out.cpu())
 
     assert_close("out", out.cpu(), ref, atol=atol, rtol=rtol, ref_lowp=lowp)
@@ -117,6 +119,8 @@ def check(case: Case, dtype, atol, rtol, scale=None):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_float64_reference_float32(case):
+    """Mutation it guards against: the kernel's causal band shifted by one (``offs_n[None, :] <=
+    offs_m[:, None] + diag`` -> ``<`` in the forward)."""
     _, atol, rtol = DTYPE_TOLS[0]
     check(case, torch.float32, atol, rtol)
 
@@ -211,7 +215,7 @@ def test_prefix_only_attention_with_no_sequence_keys():
     out = pk.prefix_attention(q, k, v, pk_, pv_, causal=False, backend="triton")
     got = torch.autograd.grad(out.sum(), [q, pk_, pv_])
     ref_in = [leaf(t.detach().cpu().double()) for t in (q, pk_, pv_)]
-    ref = prefix_attention_ref(ref_in[0], k.cpu().double(), v.cpu().double(), *ref_in[1:], causal=False)
+    ref = attention_reference(ref_in[0], k.cpu().double(), v.cpu().double(), *ref_in[1:], causal=False)
     ref_grads = torch.autograd.grad(ref.sum(), ref_in)
     assert_close("out", out.cpu(), ref, atol=2e-5, rtol=2e-5)
     for g, r in zip(got, ref_grads, strict=True):
