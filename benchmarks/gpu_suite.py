@@ -359,6 +359,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
     else:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+        # SIGKILL is delivered asynchronously: wait (bounded) until the group has stopped
+        # running, so the next phase never starts beside a dying one that still holds the GPU.
+        deadline = time.monotonic() + KILL_GRACE_S
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.05)
     proc.wait()
 
 
