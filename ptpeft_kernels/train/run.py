@@ -16,7 +16,8 @@ from .builtin_model import ensure_pretrained, spec_with
 from .checkpoint import atomic_write_text, latest_checkpoint
 from .config import RunConfig, load_run_config, parse_args, resolve
 from .loop import NonFiniteLossError, Trainer, check_resume_fingerprint, load_run_data
-from .models import family_for, fingerprint, load_model, load_processor
+from .models import family_for, fingerprint, load_processor
+from .quantized import load_base_model
 from .report import format_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,7 +90,14 @@ def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dic
     if tok.pad_token is None:  # batching needs one; the padded positions carry no labels
         tok.pad_token = tok.eos_token
     data = load_run_data(cfg, family, files)
-    model = load_model(model_path, DTYPES[cfg.dtype]).to(dist.device)
+    # issue 12: a 4-bit base (--load-in-4bit) loads through bitsandbytes.
+    model = load_base_model(
+        model_path,
+        DTYPES[cfg.dtype],
+        dist.device,
+        load_in_4bit=cfg.load_in_4bit,
+        double_quant=cfg.double_quant,
+    )
     model.eval()
     fp = fingerprint(model)
     checkpoint = None
