@@ -14,7 +14,7 @@ import os
 
 import torch
 
-QLORA_HINT = "--load-in-4bit needs bitsandbytes: pip install 'ptpeft_kernels[qlora]' (bitsandbytes>=0.45)"
+QLORA_HINT = "--load-in-4bit needs bitsandbytes: pip install 'ptpeft_kernels[qlora]' (bitsandbytes>=0.50)"
 
 
 def require_bitsandbytes():
@@ -64,7 +64,28 @@ def load_base_model(
         local_files_only=True,
     )
     keep_cpu_layout(model)
+    if torch.device(device).type == "cpu":
+        own_storage(model)
     return model
+
+
+@torch.no_grad()
+def own_storage(model: torch.nn.Module) -> None:
+    """Give the non-quantised parameters and buffers storages of their own.
+
+    Loading to the CPU, transformers reads a safetensors file into one allocation and the
+    tensors it does not convert (embeddings, norms, the head) stay views into it, which keeps
+    the whole full-precision file alive next to the 4-bit weights. Measured on the built-in
+    model: 3.92 MB held after a 4-bit load instead of 0.79 MB (fp32: 3.92 MB).
+    """
+    from ..layers.lora import is_4bit_linear
+
+    quantized = {id(m.weight) for m in model.modules() if is_4bit_linear(m)}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is not None and id(t) not in quantized and t.device.type == "cpu":
+                    t.data = t.data.clone()
 
 
 def keep_cpu_layout(model: torch.nn.Module) -> None:
