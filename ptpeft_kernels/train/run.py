@@ -19,6 +19,7 @@ from .loop import NonFiniteLossError, Trainer, check_resume_fingerprint, load_ru
 from .models import family_for, fingerprint, load_processor
 from .quantized import load_base_model
 from .report import format_table
+from .sharded_checkpoint import latest_sharded_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,11 +91,12 @@ def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dic
     if tok.pad_token is None:  # batching needs one; the padded positions carry no labels
         tok.pad_token = tok.eos_token
     data = load_run_data(cfg, family, files)
-    # issue 12: a 4-bit base (--load-in-4bit) loads through bitsandbytes.
+    # issue 12: a 4-bit base (--load-in-4bit) loads through bitsandbytes; under --fsdp the model is
+    # loaded on the CPU and sharding moves each rank's shards to its device (train/fsdp.py).
     model = load_base_model(
         model_path,
         DTYPES[cfg.dtype],
-        dist.device,
+        torch.device("cpu") if cfg.fsdp else dist.device,
         load_in_4bit=cfg.load_in_4bit,
         double_quant=cfg.double_quant,
     )
@@ -102,7 +104,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dic
     fp = fingerprint(model)
     checkpoint = None
     if resuming:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = (latest_sharded_checkpoint if cfg.fsdp else latest_checkpoint)(run_dir)
         if checkpoint is not None:
             check_resume_fingerprint(checkpoint, fp)
     if dist.is_main:
@@ -110,7 +112,17 @@ def _run(cfg: RunConfig, run_dir: Path, dist: D.DistInfo, resuming: bool) -> dic
         if not resuming or not (run_dir / "config.json").exists():
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_json(), indent=2) + "\n")
     D.barrier(dist)
-    trainer = Trainer(cfg, dist, model, processor, family, data, run_dir, model_desc, fp)
+    if cfg.fsdp:
+        from .fsdp import FSDPTrainer
+
+        def build_base() -> torch.nn.Module:
+            return load_base_model(model_path, DTYPES[cfg.dtype], torch.device("cpu"))
+
+        trainer = FSDPTrainer(
+            cfg, dist, model, processor, family, data, run_dir, model_desc, fp, build_base=build_base
+        )
+    else:
+        trainer = Trainer(cfg, dist, model, processor, family, data, run_dir, model_desc, fp)
     report = trainer.run(checkpoint)
     report["startup_s"] = round(build_s, 1)
     report["command_time_s"] = round(time.perf_counter() - t0, 1)
