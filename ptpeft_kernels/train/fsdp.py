@@ -94,7 +94,8 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module
     fully_shard(model, mesh=mesh, mp_policy=mp)
     # generate() reaches root-group parameters outside forward (LLaVA's get_image_features runs
     # the vision embeddings first): gather the root for the whole call.
-    register_fsdp_forward_method(model, "generate")
+    if hasattr(model, "generate"):
+        register_fsdp_forward_method(model, "generate")
     return model
 
 
