@@ -65,3 +65,62 @@ def cpu_allocator_peak() -> Iterator[AllocatorTrace]:
     trace.net = held
     trace.allocations = sum(1 for _, s in events if s > 0)
     trace.events = events
+
+
+def measure_training_peak(
+    config,
+    method_args,
+    micro_batch: int,
+    seq_len: int,
+    *,
+    checkpointing: bool = False,
+    steps: int = 2,
+    seed: int = 0,
+) -> AllocatorTrace:
+    """The CPU allocator's peak over building a LLaVA-style model from ``config`` (random weights),
+    adding the method's modules (:func:`~.estimate.fake_model`'s recipe) and ``steps`` training steps
+    of the driver's loss on a micro-batch of ``micro_batch`` examples of ``seq_len`` tokens (image
+    tokens first, then text) with random images: what ``--estimate-memory`` predicts, measured."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForImageTextToText
+
+    from .config import StagePlan
+    from .estimate import _stage_kinds
+    from .loop import apply_stage
+
+    torch.manual_seed(seed)
+    vision = config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2
+    if seq_len <= n_image:
+        raise ValueError(f"seq_len {seq_len} must exceed the {n_image} image tokens")
+    image_id = config.image_token_id
+    vocab = config.text_config.vocab_size
+    with cpu_allocator_peak() as trace:
+        model = AutoModelForImageTextToText.from_config(config)
+        kinds = _stage_kinds(method_args.method)
+        for i, kind in enumerate(kinds):
+            train_prefix = kind == "prefix" or (i > 0 and method_args.method.startswith("pt-"))
+            apply_stage(model, StagePlan(kind, kind, 1, None, 1.0, train_prefix), method_args)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        text = torch.randint(0, vocab, (micro_batch, seq_len - n_image))
+        text[text == image_id] = 0
+        ids = torch.cat([torch.full((micro_batch, n_image), image_id), text], dim=1)
+        pixels = torch.rand(micro_batch, 3, vision.image_size, vision.image_size)
+        for _ in range(steps):
+            out = model(input_ids=ids, pixel_values=pixels, use_cache=False)
+            logits = out.logits
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            del out, logits
+            loss.backward()
+            del loss
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        del opt, params, model
+    return trace

@@ -34,6 +34,10 @@ def _quiet_libraries() -> None:
 def train(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``python -m ptpeft_kernels.train`` with ``argv``; returns the report (``report.json``)."""
     args = parse_args(argv)
+    if args.estimate_memory:  # issue 12: no training, no data, no weights (train/estimate.py)
+        from .estimate import run_estimate
+
+        return run_estimate(args)
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
