@@ -8,15 +8,15 @@ Weights, trainable parameters, gradients and AdamW states are counted from its p
 (4-bit NF4: 0.5 byte per weight of every ``nn.Linear`` but the output head, plus one float32
 scale per 64 weights, or 8 bits per 64 and a float32 per 256 x 64 with ``--double-quant``).
 
-Activations are *simulated*: the training step the driver runs — the language model over a
-sequence of embeddings, the head, the float32 cross-entropy, the backward, gradient clipping
-and the AdamW step — runs on those fake tensors under a dispatch mode that adds up the bytes of
-every tensor storage created and subtracts them when the storage is freed (a weakref on the
-storage). Two such steps at two token counts (in the steady state: the optimizer states
-allocated before) give the bytes held at the peak as ``held + c + b * tokens``; ``b``
-is the memory per micro-batch token (with and without gradient checkpointing), ``c`` the
-token-independent rest (gradients, optimizer-step temporaries). Linear in the tokens is
-what flash-style attention gives (the library's kernels keep O(N) per head); the vision
+Activations are *simulated*: the training step the driver runs — the language model over the
+micro-batch's sequence of embeddings (its real size: fake tensors cost no memory), the head,
+the float32 cross-entropy, the backward, gradient clipping and the AdamW step, in the steady
+state (the optimizer's states allocated before) — runs on those fake tensors under a dispatch
+mode that adds up the bytes of every tensor storage created and subtracts them when the storage
+is freed (a weakref on the storage). The peaks of the forward/backward and of the optimizer step
+are taken apart; what the first holds beyond weights, optimizer states and gradients is the
+activations (with the logits and the step's temporaries). Attention runs the library's CPU
+path, which keeps O(N) per head like its GPU kernels (flash-style, no N x N scores); the vision
 tower is frozen and receives no gradient in PT-PEFT (``--prefix-targets language_model``),
 so its activations are not kept: only its weights are counted.
 
@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +186,16 @@ def weight_bytes(model: nn.Module, load_in_4bit: bool, double_quant: bool) -> di
 class StepSim:
     tokens: int
     held: int  # bytes held before the step: weights, buffers, optimizer states
-    peak: int  # bytes held at the step's peak
+    peak: int  # bytes held at the peak of the forward and backward (and gradient clipping)
     after_forward: int  # bytes held when the loss is computed (activations kept for the backward)
+    optimizer_peak: int  # bytes held at the peak of the AdamW step
 
 
-def simulate_step(model: nn.Module, tokens: int, checkpointing: bool, max_grad_norm: float = 1.0) -> StepSim:
-    """A training step of the language model over ``tokens`` embeddings (inside ``FakeTensorMode``)
-    in the steady state (AdamW's states allocated first); its bytes."""
+def simulate_step(
+    model: nn.Module, batch: int, tokens: int, checkpointing: bool, max_grad_norm: float = 1.0
+) -> StepSim:
+    """A training step of the language model over ``batch`` x ``tokens`` embeddings (inside
+    ``FakeTensorMode``) in the steady state (AdamW's states allocated first); its bytes."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     hidden = head.in_features
     dtype = head.weight.dtype
@@ -210,13 +212,12 @@ def simulate_step(model: nn.Module, tokens: int, checkpointing: bool, max_grad_n
         for p in params:
             p.grad = torch.zeros_like(p)
         opt.step()
-        result = None
-        for _ in range(1):
-            opt.zero_grad(set_to_none=True)
-            held = mem.live
-            mem.reset_peak()
-            embeds = torch.zeros(1, tokens, hidden, dtype=dtype)
-            labels = torch.zeros(1, tokens, dtype=torch.long)
+        opt.zero_grad(set_to_none=True)
+        held = mem.live
+        mem.reset_peak()
+        if True:  # one step, measured in two phases
+            embeds = torch.zeros(batch, tokens, hidden, dtype=dtype)
+            labels = torch.zeros(batch, tokens, dtype=torch.long)
             out = decoder(inputs_embeds=embeds, use_cache=False)
             logits = head(out[0])
             # As the driver computes it: the float32 copy of the logits is a temporary of the call.
@@ -229,65 +230,17 @@ def simulate_step(model: nn.Module, tokens: int, checkpointing: bool, max_grad_n
             del out, logits, loss, embeds, labels
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            # Two phases, fitted apart: which one holds the most depends on the tokens (activations)
+            # against the trainable parameters (the optimizer's temporaries), not linearly.
+            peak = mem.peak
+            mem.reset_peak()
             opt.step()
-            result = StepSim(tokens, held, mem.peak, after_forward)
+            result = StepSim(batch * tokens, held, peak, after_forward, mem.peak)
         opt.zero_grad(set_to_none=True)
         del opt
     if checkpointing:
         model.gradient_checkpointing_disable()
     return result
-
-
-def _fit(a: StepSim, b: StepSim, attr: str) -> tuple[float, float]:
-    """(intercept, slope) of ``attr - held`` against tokens."""
-    ya, yb = getattr(a, attr) - a.held, getattr(b, attr) - b.held
-    slope = (yb - ya) / (b.tokens - a.tokens)
-    return ya - slope * a.tokens, slope
-
-
-def _text_config(config: Any) -> Any:
-    return getattr(config, "text_config", None) or config
-
-
-def _with_depth(config: Any, layers: int) -> Any:
-    """A copy of ``config`` with ``layers`` language-model layers and a one-layer vision tower."""
-    import copy
-
-    c = copy.deepcopy(config)
-    text = _text_config(c)
-    text.num_hidden_layers = layers
-    if getattr(text, "layer_types", None):
-        text.layer_types = list(text.layer_types)[:layers]
-    if getattr(text, "max_window_layers", None) is not None:
-        text.max_window_layers = min(text.max_window_layers, layers)
-    vision = getattr(c, "vision_config", None)
-    for attr in ("num_hidden_layers", "depth"):
-        if isinstance(getattr(vision, attr, None), int):
-            setattr(vision, attr, 1)
-    return c
-
-
-def _depth_token_fit(
-    config: Any, dtype: torch.dtype, args: argparse.Namespace, ckpt: bool, t1: int, t2: int, depth: int
-) -> dict[str, Any]:
-    """(intercept, slope per token) of the step's peak and of the bytes kept after the forward, for a
-    language model of ``depth`` layers: simulated at 1 and 2 layers and two token counts, extrapolated
-    linearly in the depth (every layer adds the same activations and the same trainable modules)."""
-    fits = {}
-    for layers in (1, 2):
-        model = fake_model(_with_depth(config, layers), dtype, args)
-        a = simulate_step(model, t1, ckpt, args.max_grad_norm)
-        b = simulate_step(model, t2, ckpt, args.max_grad_norm)
-        trainable = float(_bytes(p for p in model.parameters() if p.requires_grad))
-        fits[layers] = {"peak": _fit(a, b, "peak"), "saved": _fit(a, b, "after_forward")}
-        fits[layers]["trainable"] = trainable
-    out: dict[str, Any] = {}
-    for key in ("peak", "saved"):
-        (c1, s1), (c2, s2) = fits[1][key], fits[2][key]
-        out[key] = (c1 + (c2 - c1) * (depth - 1), s1 + (s2 - s1) * (depth - 1))
-    tb1, tb2 = fits[1]["trainable"], fits[2]["trainable"]
-    out["trainable_bytes"] = tb1 + (tb2 - tb1) * (depth - 1)
-    return out
 
 
 # ----------------------------------------------------------------------------------- the estimate
@@ -344,16 +297,15 @@ def _estimate(args: argparse.Namespace, config: Any, desc: str, default_tokens: 
     t_bytes = _bytes(trainable)
     grads = t_bytes
     optim = 2 * sum(p.numel() * 4 if p.dtype != torch.float64 else p.numel() * 8 for p in trainable)
-    depth = _text_config(config).num_hidden_layers
-    t2 = min(seq, 128)
-    t1 = max(4, t2 // 2)
-    sims = {ckpt: _depth_token_fit(config, compute, args, ckpt, t1, t2, depth) for ckpt in (False, True)}
-    per_token = {ckpt: fit["saved"][1] for ckpt, fit in sims.items()}
-    peak_c, peak_b = sims[bool(args.gradient_checkpointing)]["peak"]
-    # The token-independent part: the gradients and optimizer-step temporaries (of the simulated dtype).
-    sim_trainable = sims[False]["trainable_bytes"]
-    rest = max(0.0, peak_c) * (t_bytes / sim_trainable if sim_trainable else 1.0)
-    activations = peak_b * tokens
+    sim_model = model if compute == dtype else fake_model(config, compute, args)
+    sim_trainable = float(_bytes(p for p in sim_model.parameters() if p.requires_grad))
+    to_real = t_bytes / sim_trainable if sim_trainable else 1.0
+    steps = {ckpt: simulate_step(sim_model, micro, seq, ckpt, args.max_grad_norm) for ckpt in (False, True)}
+    per_token = {ckpt: (st.after_forward - st.held) / tokens for ckpt, st in steps.items()}
+    step = steps[bool(args.gradient_checkpointing)]
+    # At the forward/backward peak: the gradients so far (counted as all of them, in the real dtype and
+    # sharded under FSDP) and everything else, which is the tokens' (activations, logits, temporaries).
+    activations = max(0.0, step.peak - step.held - sim_trainable)
     largest_block, outside = _block_bytes(model)
     gathered = 0.0
     if args.fsdp:
@@ -366,7 +318,14 @@ def _estimate(args: argparse.Namespace, config: Any, desc: str, default_tokens: 
     if args.load_in_4bit:
         biggest = max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0)
         dequant = biggest * torch.tensor([], dtype=compute).element_size()  # one weight dequantised at a time
-    total = (w_total + t_bytes + optim + rest) * shard + gathered + activations + dequant
+    # What the step holds beyond weights and optimizer states at its peak: the larger of the forward/
+    # backward phase (gradients and other token-independent buffers, shardable, plus the activations)
+    # and the optimizer phase (gradients and AdamW's temporaries, shardable).
+    fb = grads * shard + activations
+    opt_phase = max(0.0, step.optimizer_peak - step.held) * to_real * shard
+    in_backward = fb >= opt_phase
+    rest = fb - activations if in_backward else opt_phase
+    total = (w_total + t_bytes + optim) * shard + max(fb, opt_phase) + gathered + dequant
     result = {
         "model": desc,
         "method": args.method,
@@ -382,7 +341,8 @@ def _estimate(args: argparse.Namespace, config: Any, desc: str, default_tokens: 
         "trainable": t_bytes * shard,
         "gradients": grads * shard,
         "optimizer": optim * shard,
-        "step_rest": rest * shard,
+        "step_rest": rest,
+        "peak_phase": "forward/backward" if in_backward else "optimizer step",
         "activation_per_token": per_token[False],
         "activation_per_token_checkpointing": per_token[True],
         "activations": activations,
@@ -415,7 +375,8 @@ def format_estimate(r: dict[str, Any]) -> str:
         f"{r['activation_per_token'] / 2**10:.1f} KB, "
         f"{r['activation_per_token_checkpointing'] / 2**10:.1f} KB with gradient checkpointing",
         f"    of which prefix KV {_gb(r['prefix_kv'])}   (all layers' key/value prefixes, float32)",
-        f"  step temporaries    {_gb(r['step_rest'])}   (gradient and optimizer-step buffers)",
+        f"  step temporaries    {_gb(r['step_rest'])}   (gradients, other buffers; the peak is in the "
+        f"{r['peak_phase']})",
     ]
     if r["fsdp"]:
         lines.append(f"  gathered by FSDP    {_gb(r['gathered'])}   (root group + 2 blocks, unsharded)")
@@ -436,5 +397,4 @@ def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-__all__ = ["LiveBytes", "StepSim", "estimate", "format_estimate", "run_estimate", "simulate_step", "asdict"]
-_ = math
+__all__ = ["LiveBytes", "StepSim", "estimate", "format_estimate", "run_estimate", "simulate_step"]
