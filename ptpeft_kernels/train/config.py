@@ -615,8 +615,8 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
         "--estimate-memory",
         action="store_true",
         help="print the per-GPU memory estimate of this run and exit: no training, no data, the model built "
-        "on the meta device from its config (--model may be a directory holding only config.json, or "
-        "one of the reference configs llava-1.5-7b, llava-next-34b, qwen2-vl-72b)",
+        "from its config on fake (meta-backed) tensors (--model may be a directory holding only config.json, "
+        "or one of the reference configs llava-1.5-7b, llava-next-34b, qwen2-vl-72b)",
     )
     g.add_argument(
         "--gpu-memory-gb",
