@@ -106,10 +106,12 @@ def test_pt_lora_trains_and_evaluates_on_a_4bit_base(qrun):
         assert set(stage["scores"]) == {"CIDEr", "BLEU-4"}
 
 
-def test_4bit_adapters_load_onto_a_float_base_within_the_quantisation_error(qrun):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_4bit_adapters_load_onto_a_float_base_within_the_quantisation_error(qrun, dtype):
     """The quantisation changes the base's logits by d_q; adapters trained on the 4-bit base, loaded
-    onto the fp32 base, must differ from the 4-bit model by no more than that. Measured (max |logit|
-    difference): d_q 0.109, 4-bit vs fp32 with the adapters 0.076, the adapters themselves move 0.296."""
+    onto the float base, must differ from the 4-bit model by no more than that. Measured (max |logit|
+    difference), fp32 base: d_q 0.109, 4-bit vs fp32 with the adapters 0.076, the adapters themselves
+    move 0.296; bf16 base: 0.105, 0.073, 0.295."""
     from ptpeft_kernels.train.models import load_processor
     from ptpeft_kernels.train.quantized import load_base_model
 
@@ -120,20 +122,44 @@ def test_4bit_adapters_load_onto_a_float_base_within_the_quantisation_error(qrun
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
     texts = ["<image> a red circle left", "<image> two shapes"]
     batch = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
     cpu = torch.device("cpu")
-    f32 = load_base_model(assets.model_dir, torch.float32, cpu)
-    q4 = load_base_model(assets.model_dir, torch.float32, cpu, load_in_4bit=True)
-    d_quant = (_logits(f32, batch) - _logits(q4, batch)).abs().max().item()
-    base_f32 = _logits(f32, batch)
-    for m in (f32, q4):
+    base = load_base_model(assets.model_dir, dtype, cpu)
+    q4 = load_base_model(assets.model_dir, dtype, cpu, load_in_4bit=True)
+    d_quant = (_logits(base, batch) - _logits(q4, batch)).abs().max().item()
+    base_logits = _logits(base, batch)
+    for m in (base, q4):
         pk.load_adapters(m, out / "stage2-lora")
         m.eval()
     assert any(isinstance(m, LoRALinear) and m.quantized for m in q4.modules())
-    adapted = _logits(f32, batch)
+    adapted = _logits(base, batch)
     d_adapt = (adapted - _logits(q4, batch)).abs().max().item()
-    moved = (adapted - base_f32).abs().max().item()
+    moved = (adapted - base_logits).abs().max().item()
     assert moved > 0.1 * d_quant  # the adapters do change the model
     assert 0 < d_adapt <= 1.5 * d_quant, (d_adapt, d_quant)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_prefixes_and_adapters_train_on_a_4bit_base(tiny_assets, double_quant):
+    from ptpeft_kernels.layers.lora import is_4bit_linear
+    from ptpeft_kernels.train.quantized import load_base_model
+
+    path, cpu = tiny_assets.model_dir, torch.device("cpu")
+    model = load_base_model(path, torch.float32, cpu, load_in_4bit=True, double_quant=double_quant)
+    states = [m.weight.quant_state for m in model.modules() if is_4bit_linear(m)]
+    assert states and all(bool(q.nested) is double_quant for q in states)
+    pk.apply_prefix(model, num_prefix=4, reparam_hidden=16)
+    pk.apply_adapter(model, bottleneck=8)
+    pk.mark_trainable(model, prefix=True, adapter=True)
+    model.train()
+    ids = torch.tensor([[model.config.image_token_id] * 4 + [5, 6, 7, 8]])
+    out = model(input_ids=ids, pixel_values=torch.rand(1, 3, 32, 32), use_cache=False)
+    out.logits.float().logsumexp(-1).sum().backward()
+    named = dict(model.named_parameters())
+    trained = [n for n, p in named.items() if p.grad is not None]
+    assert all(("ptpeft_prefix" in n) or ("ptpeft_adapter" in n) for n in trained), trained
+    assert any("ptpeft_adapter" in n for n in trained) and any("ptpeft_prefix" in n for n in trained)
+    assert all(torch.isfinite(named[n].grad).all() for n in trained)
 
 
 def test_4bit_base_holds_at_most_035x_the_fp32_base(tmp_path):
