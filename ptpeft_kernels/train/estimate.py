@@ -296,7 +296,7 @@ def _estimate(args: argparse.Namespace, config: Any, desc: str, default_tokens: 
     w_total = sum(weights.values())
     t_bytes = _bytes(trainable)
     grads = t_bytes
-    optim = 2 * sum(p.numel() * 4 if p.dtype != torch.float64 else p.numel() * 8 for p in trainable)
+    optim = 2 * t_bytes  # AdamW's exp_avg and exp_avg_sq, in each parameter's dtype
     sim_model = model if compute == dtype else fake_model(config, compute, args)
     sim_trainable = float(_bytes(p for p in sim_model.parameters() if p.requires_grad))
     to_real = t_bytes / sim_trainable if sim_trainable else 1.0
