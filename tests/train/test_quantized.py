@@ -162,26 +162,25 @@ def test_prefixes_and_adapters_train_on_a_4bit_base(tiny_assets, double_quant):
     assert all(torch.isfinite(named[n].grad).all() for n in trained)
 
 
-def test_4bit_base_holds_at_most_035x_the_fp32_base(tmp_path, monkeypatch):
-    """Allocator bytes the loaded base holds (the built-in model's default size, random weights):
-    measured 0.79 MB in 4 bit vs 3.92 MB in fp32 (0.20x)."""
+def test_4bit_base_holds_at_most_035x_the_fp32_base(tmp_path):
+    """Bytes the loaded base holds (the built-in model's default size, random weights): 4-bit, the CPU
+    allocator's net over the load (measured 0.79 MB: codes, scales, the fp32 embeddings / norms / head);
+    fp32, its parameters and buffers (3.91 MB; the allocator measured 3.92 MB for that load alone, but
+    in some xdist workers saw only half of it, so it is not the reference here)."""
     from ptpeft_kernels.train.builtin_model import PRESETS, build_model
     from ptpeft_kernels.train.memory_probe import cpu_allocator_peak
-    from ptpeft_kernels.train.quantized import load_base_model
+    from ptpeft_kernels.train.quantized import base_weight_bytes, load_base_model
 
-    # transformers loads a float checkpoint on a thread pool; the profiler records the allocations of
-    # the thread it runs on (under xdist it saw half of the fp32 model): load on this thread.
-    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")
     model, _ = build_model(PRESETS["default"])
     model.save_pretrained(tmp_path)
+    fp32 = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     del model
-    held = {}
-    for q in (False, True):
-        with cpu_allocator_peak() as trace:
-            m = load_base_model(tmp_path, torch.float32, torch.device("cpu"), load_in_4bit=q)
-            gc.collect()
-        held[q] = trace.net
-        del m
+    gc.collect()
+    with cpu_allocator_peak() as trace:
+        q4 = load_base_model(tmp_path, torch.float32, torch.device("cpu"), load_in_4bit=True)
         gc.collect()
-    assert held[False] > 3_000_000  # the fp32 base of the default preset is ~3.9 MB
-    assert held[True] <= 0.35 * held[False], held
+    tensors = sum(base_weight_bytes(q4).values())
+    # The allocator saw at least the tensors the 4-bit model holds (it missed nothing that matters) ...
+    assert trace.net >= tensors > 0
+    # ... and nothing else stays alive with them (the fp32 checkpoint the CPU load once kept: 3.92 MB).
+    assert trace.net <= 0.35 * fp32, (trace.net, fp32)
