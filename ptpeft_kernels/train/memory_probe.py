@@ -8,9 +8,10 @@ events in time order gives the bytes held at every instant, hence the peak. What
 sees is every tensor storage made by PyTorch's own allocator on the CPU — tensors from torch
 ops, autograd, optimizers, ``transformers`` and bitsandbytes (which allocates through torch).
 It misses memory-mapped storages (safetensors reads them, the copies into parameters are
-counted), memory that native libraries allocate on their own (BLAS workspaces), and
-allocations on threads other than the profiled one (transformers loads float checkpoints on a
-thread pool unless ``HF_DEACTIVATE_ASYNC_LOAD=1``; the CPU backward runs on the calling thread).
+counted) and memory that native libraries allocate on their own (BLAS workspaces). One
+unexplained case: inside a long xdist worker, the trace of a float32 checkpoint load held half
+of the 3.92 MB it held in a fresh process (the 4-bit load's trace stayed right); cross-check
+a trace against the sizes of the tensors it must hold, as the tests do.
 """
 
 from __future__ import annotations
