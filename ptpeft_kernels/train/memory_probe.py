@@ -10,8 +10,8 @@ ops, autograd, optimizers, ``transformers`` and bitsandbytes (which allocates th
 It misses memory-mapped storages (safetensors reads them, the copies into parameters are
 counted) and memory that native libraries allocate on their own (BLAS workspaces). One
 unexplained case: inside a long xdist worker, the trace of a float32 checkpoint load held half
-of the 3.92 MB it held in a fresh process (the 4-bit load's trace stayed right); cross-check
-a trace against the sizes of the tensors it must hold, as the tests do.
+of the 3.92 MB it held in a fresh process; cross-check a trace against the sizes of the
+tensors it must hold, as the tests do.
 """
 
 from __future__ import annotations
