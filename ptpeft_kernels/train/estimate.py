@@ -295,6 +295,13 @@ def _estimate(args: argparse.Namespace, config: Any, desc: str, default_tokens: 
     weights = weight_bytes(model, args.load_in_4bit, args.double_quant)
     w_total = sum(weights.values())
     t_bytes = _bytes(trainable)
+    if args.load_in_4bit:
+        # LoRA over a Linear4bit is float32 (a packed weight has no float dtype to copy).
+        from ..integrations.stages import parameter_kinds
+
+        named = dict(model.named_parameters())
+        lora = [named[n] for n, k in parameter_kinds(model).items() if k == "lora"]
+        t_bytes += sum(p.numel() * (4 - p.element_size()) for p in lora)
     grads = t_bytes
     optim = 2 * t_bytes  # AdamW's exp_avg and exp_avg_sq, in each parameter's dtype
     sim_model = model if compute == dtype else fake_model(config, compute, args)
