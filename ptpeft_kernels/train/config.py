@@ -116,6 +116,10 @@ class RunConfig:
     fail_at_step: int | None = None
     kill_at_step: int | None = None
     extra: dict = field(default_factory=dict)
+    # --- scale (issue 12): FSDP2 sharding and the 4-bit base (train/fsdp.py, train/quantized.py)
+    fsdp: bool = False
+    load_in_4bit: bool = False
+    double_quant: bool = False
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -127,6 +131,7 @@ class RunConfig:
         names = {f.name for f in fields(cls)}
         optional = ("threads", "holdout", "fail_at_step", "kill_at_step", "extra", "rank_length")
         optional += ("rank_bootstrap", "rank_pretrain_captions", "rank_pretrain_image_dir", "rank_fill")
+        optional += ("fsdp", "load_in_4bit", "double_quant")  # issue 12; older config.json lack them
         missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ValueError(f"{source}: missing keys {sorted(missing)}")
@@ -653,7 +658,60 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="testing aid: SIGKILL this process right after global step N (exercises --resume)",
     )
+    _add_scale_options(p)
     return p
+
+
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    """Options of issue 12: FSDP2 sharding, the 4-bit base and the memory estimate."""
+    g = p.add_argument_group("memory: sharding, 4-bit base, estimate")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard every decoder layer / vision block and the rest of the model with FSDP2 "
+        "(torch.distributed.fsdp.fully_shard), bf16 parameters with fp32 gradient reduction under --bf16; "
+        "checkpoints are sharded (torch.distributed.checkpoint)",
+    )
+    g.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="load the frozen base in 4-bit NF4 (bitsandbytes, QLoRA-style) with --dtype as compute dtype; "
+        "needs pip install 'ptpeft_kernels[qlora]'",
+    )
+    g.add_argument(
+        "--double-quant",
+        action="store_true",
+        help="with --load-in-4bit: quantise the 4-bit scales again (about 0.4 bit per weight less)",
+    )
+    g.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="print the per-GPU memory estimate of this run and exit: no training, no data, the model built "
+        "from its config on fake (meta-backed) tensors (--model may be a directory holding only config.json, "
+        "or one of the reference configs llava-1.5-7b, llava-next-34b, qwen2-vl-72b)",
+    )
+    g.add_argument(
+        "--gpu-memory-gb",
+        type=_positive_float,
+        default=None,
+        metavar="GB",
+        help="with --estimate-memory: say whether the run fits GPUs of this size (GiB)",
+    )
+    g.add_argument(
+        "--world-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --estimate-memory: processes (GPUs) to estimate for (default: $WORLD_SIZE, else 1)",
+    )
+    g.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=None,
+        metavar="T",
+        help="with --estimate-memory: tokens per training example, image tokens included (default: the "
+        "model's image tokens + 64)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -800,6 +858,14 @@ def resolve(a: argparse.Namespace) -> RunConfig:
                 "--holdout splits a --captions or --questions file; the built-in task has its own "
                 "evaluation split (--eval-split)"
             )
+    if a.double_quant and not a.load_in_4bit:
+        raise ValueError("--double-quant applies to the 4-bit base: add --load-in-4bit")
+    if a.fsdp and a.load_in_4bit:
+        raise ValueError(
+            "--fsdp with --load-in-4bit is not supported: fully_shard shards float parameters as DTensors, "
+            "bitsandbytes' packed 4-bit weights (Params4bit) cannot be; use --load-in-4bit on one GPU per "
+            "process, or --fsdp with --dtype bfloat16"
+        )
     output_dir = a.output_dir or os.path.join("runs", f"{a.method}-{a.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     max_new = a.max_new_tokens or (40 if a.task == "caption" else 10)
     # Absolute paths: a --resume from another working directory must find the same files.
@@ -877,6 +943,9 @@ def resolve(a: argparse.Namespace) -> RunConfig:
         # The budget options as given (the stage plan alone cannot tell --steps from --stage1-steps),
         # so that --resume can recompute the plan with a changed budget.
         extra={"budget": {k: getattr(a, k) for k in BUDGET_OPTIONS}},
+        fsdp=a.fsdp,
+        load_in_4bit=a.load_in_4bit,
+        double_quant=a.double_quant,
     )
 
 

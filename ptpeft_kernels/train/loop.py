@@ -419,6 +419,38 @@ class Trainer:
             f"{self.run_dir}. Continue the run with:\n  {command} --resume {self.run_dir}",
         )
 
+    # ------------------------------------------------------------------ hook points (train/fsdp.py overrides)
+
+    def _apply_stages(self, first: int, last: int) -> None:
+        """Add the modules of stages ``first`` .. ``last - 1``, each seeded as a fresh run seeds it."""
+        for si in range(first, last):
+            torch.manual_seed(self.cfg.seed * 1000 + si)
+            apply_stage(self.model, self.cfg.stages[si], self.cfg)
+
+    def _wrap_for_training(self, model: torch.nn.Module, stage: StagePlan):
+        """What the step calls (with ``no_sync()`` for accumulation): DDP under torchrun, else the model."""
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(
+            model,
+            device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+            find_unused_parameters=stage.kind == "full",
+        )
+
+    def _load_optimizer(self, opt: torch.optim.Optimizer, opt_state: Any) -> None:
+        opt.load_state_dict(opt_state)
+
+    def _write_stage_output(self, stage: StagePlan) -> None:
+        if self.dist.is_main:
+            self._save_stage_output(stage)
+
+    def _kill_here(self) -> bool:
+        # Testing aid: PTPEFT_KILL_RANK=r makes --kill-at-step kill rank r only (one dead worker).
+        only = os.environ.get("PTPEFT_KILL_RANK")
+        return only is None or int(only) == self.dist.rank
+
     # ------------------------------------------------------------------ the run
 
     def run(self, resume: Checkpoint | None = None) -> dict[str, Any]:
@@ -464,9 +496,7 @@ class Trainer:
             if state["stage_done"]:
                 start_stage, start_step = start_stage + 1, 0
             # Rebuild the modules of every stage reached so far, then load the saved parameters.
-            for si in range(min(start_stage + (1 if start_step > 0 else 0), len(stages))):
-                torch.manual_seed(cfg.seed * 1000 + si)
-                apply_stage(self.model, stages[si], cfg)
+            self._apply_stages(0, min(start_stage + (1 if start_step > 0 else 0), len(stages)))
             if resume.params:
                 self._load_params(resume)
             if start_step > 0:
@@ -486,8 +516,7 @@ class Trainer:
             steps = self._stage_steps(stage)
             first = start_step if si == start_stage else 0
             if first == 0:
-                torch.manual_seed(cfg.seed * 1000 + si)
-                apply_stage(self.model, stage, cfg)
+                self._apply_stages(si, si + 1)
                 state["stage_elapsed_s"] = 0.0
                 state["log_window"] = []
             trainable = self._trainable()
@@ -496,7 +525,7 @@ class Trainer:
             opt = torch.optim.AdamW([p for _, p in trainable], lr=stage.lr, weight_decay=cfg.weight_decay)
             sched = make_scheduler(opt, steps, cfg.warmup_ratio, cfg.scheduler)
             if first > 0 and opt_state is not None:
-                opt.load_state_dict(opt_state)
+                self._load_optimizer(opt, opt_state)
                 sched.load_state_dict(sched_state)
             summary = _summary(self.model)
             self.say(
@@ -509,8 +538,7 @@ class Trainer:
             t_stage = time.perf_counter() - float(state.get("stage_elapsed_s", 0.0))
             self._train_stage(si, stage, steps, first, opt, sched, state, t_stage, elapsed_before, t_session)
             train_time = time.perf_counter() - t_stage
-            if dist.is_main:
-                self._save_stage_output(stage)
+            self._write_stage_output(stage)
             D.barrier(dist)
             try:
                 point = self.eval_point(stage.name, state["global_step"])
@@ -560,15 +588,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        ddp = model
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ddp = DDP(
-                model,
-                device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                find_unused_parameters=stage.kind == "full",
-            )
+        ddp = self._wrap_for_training(model, stage)
         world = dist.world_size
         if cfg.batch_size % (cfg.grad_accum * world):
             raise ValueError(
@@ -700,7 +720,7 @@ class Trainer:
                 state["elapsed_s"] = elapsed_before + time.perf_counter() - t_session
                 self._save(gstep, opt, sched, state)
                 saved = True
-            if cfg.kill_at_step is not None and gstep == cfg.kill_at_step:
+            if cfg.kill_at_step is not None and gstep == cfg.kill_at_step and self._kill_here():
                 sys.stdout.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
             signum = self._stop_requested()

@@ -19,10 +19,12 @@ from .builtin_model import ensure_pretrained, spec_with
 from .checkpoint import atomic_write_text, latest_checkpoint, read_latest_state
 from .config import RunConfig, absolute_path, load_run_config, parse_args, resolve
 from .loop import NonFiniteLossError, Trainer, check_resume_fingerprint
-from .models import MissingDependencyError, family_for, fingerprint, load_model, load_processor
+from .models import MissingDependencyError, family_for, fingerprint, load_processor
+from .quantized import load_base_model
 from .report import format_table
 from .resume import apply_resume_options, explicit_options
 from .rundata import load_run_data, screen_images
+from .sharded_checkpoint import latest_sharded_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,6 +59,10 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``python -m ptpeft_kernels.train`` with ``argv``; returns the report (``report.json``)."""
     args = parse_args(argv)
     notes: list[str] = []
+    if args.estimate_memory:  # issue 12: no training, no data, no weights (train/estimate.py)
+        from .estimate import run_estimate
+
+        return run_estimate(args)
     if args.resume:
         run_dir = Path(absolute_path(args.resume))
         cfg = load_run_config(run_dir)
@@ -142,12 +148,20 @@ def _run(
         tok.pad_token = tok.eos_token
     data = load_run_data(cfg, family, files)
     data = screen_images(data, skip=cfg.skip_missing, show=dist.is_main and not cfg.quiet)
-    model = load_model(model_path, DTYPES[cfg.dtype]).to(dist.device)
+    # issue 12: a 4-bit base (--load-in-4bit) loads through bitsandbytes; under --fsdp the model is
+    # loaded on the CPU and sharding moves each rank's shards to its device (train/fsdp.py).
+    model = load_base_model(
+        model_path,
+        DTYPES[cfg.dtype],
+        torch.device("cpu") if cfg.fsdp else dist.device,
+        load_in_4bit=cfg.load_in_4bit,
+        double_quant=cfg.double_quant,
+    )
     model.eval()
     fp = fingerprint(model)
     checkpoint = None
     if resuming:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = (latest_sharded_checkpoint if cfg.fsdp else latest_checkpoint)(run_dir)
         if checkpoint is not None:
             check_resume_fingerprint(checkpoint, fp)
     if dist.is_main:
@@ -155,7 +169,17 @@ def _run(
         if rewrite_config or not resuming or not (run_dir / "config.json").exists():
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_json(), indent=2) + "\n")
     D.barrier(dist)
-    trainer = Trainer(cfg, dist, model, processor, family, data, run_dir, model_desc, fp)
+    if cfg.fsdp:
+        from .fsdp import FSDPTrainer
+
+        def build_base() -> torch.nn.Module:
+            return load_base_model(model_path, DTYPES[cfg.dtype], torch.device("cpu"))
+
+        trainer = FSDPTrainer(
+            cfg, dist, model, processor, family, data, run_dir, model_desc, fp, build_base=build_base
+        )
+    else:
+        trainer = Trainer(cfg, dist, model, processor, family, data, run_dir, model_desc, fp)
     report = trainer.run(checkpoint)
     report["startup_s"] = round(build_s, 1)
     report["command_time_s"] = round(time.perf_counter() - t0, 1)
