@@ -157,18 +157,20 @@ def test_a_phase_the_budget_cannot_start_is_not_reached(tmp_path):
     ]
 
 
-def test_missing_nvidia_smi_and_xdist_are_skipped_and_said(tmp_path, monkeypatch):
+def test_missing_nvidia_smi_xdist_and_test_dependencies_are_skipped_and_said(tmp_path, monkeypatch):
     real_has = gpu_suite.Run.has
     monkeypatch.setattr(
         gpu_suite.Run,
         "has",
-        lambda self, need: need not in ("exe:nvidia-smi", "xdist") and real_has(self, need),
+        lambda self, need: need not in ("exe:nvidia-smi", "xdist", "hypothesis") and real_has(self, need),
     )
     commands = []
 
     def tests_steps(run):
         commands.append(run.pytest("tests/x.py"))
-        return [Step([PY, "-c", "pass"])]
+        # what tests/optional.py reads to skip a test module whose dependency is missing
+        check = "import os, sys; sys.exit(os.environ['PTPEFT_SKIP_MISSING_TEST_DEPS'] != '1')"
+        return [Step([PY, "-c", check])]
 
     phases = [
         Phase(
@@ -189,6 +191,7 @@ def test_missing_nvidia_smi_and_xdist_are_skipped_and_said(tmp_path, monkeypatch
     skipped = next(line for line in text.splitlines() if line.startswith("Skipped: "))
     assert "env: `nvidia-smi` skipped, nvidia-smi not found" in skipped
     assert "pytest-xdist is not installed: the tests ran in one process" in skipped
+    assert "hypothesis is not installed: the tests that need it were skipped" in skipped
     assert _phase_status(text, "env") == "ok" and _phase_status(text, "only-smi") == "skipped"
 
 
