@@ -216,7 +216,7 @@ elif sys.argv[1] == 'require-cuda':
     sys.exit('no CUDA device: this suite measures a GPU (use --smoke to check the plumbing on a CPU)')
 else:
     print('device', 'CPU (smoke run)')
-for name in ('triton', 'transformers', 'peft', 'pytest', 'pytest-xdist'):
+for name in ('triton', 'transformers', 'peft', 'pytest', 'pytest-xdist', 'numpy', 'pillow', 'hypothesis'):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
@@ -316,7 +316,8 @@ PHASES: list[Phase] = [
         "train_step",
         0.08,
         "the built-in model's stage-2 training step against PEFT's, bf16",
-        _bench("train_step.py", "train_step", "train_step.csv", needs=("peft", "transformers")),
+        # the built-in model's batch is drawn and processed as images: PIL (pillow) too
+        _bench("train_step.py", "train_step", "train_step.csv", needs=("peft", "transformers", "PIL")),
     ),
 ]
 

@@ -195,6 +195,17 @@ def test_missing_nvidia_smi_xdist_and_test_dependencies_are_skipped_and_said(tmp
     assert _phase_status(text, "env") == "ok" and _phase_status(text, "only-smi") == "skipped"
 
 
+def test_train_step_without_pillow_is_skipped_and_said_not_failed(tmp_path, monkeypatch):
+    """The built-in model's batch is images: on a GPU image without pillow the phase skips, naming PIL."""
+    real_has = gpu_suite.Run.has
+    monkeypatch.setattr(gpu_suite.Run, "has", lambda self, need: need != "PIL" and real_has(self, need))
+    code = gpu_suite.main(["--out", str(tmp_path), "--smoke", "--phases", "train_step", "--budget-s", "60"])
+    text = (tmp_path / "summary.md").read_text()
+    assert code == 0 and _phase_status(text, "train_step") == "skipped"
+    skipped = next(line for line in text.splitlines() if line.startswith("Skipped: "))
+    assert "train_step: `benchmarks/train_step.py --preset tiny" in skipped and "PIL not found" in skipped
+
+
 def test_pytest_outcome_from_a_finished_and_from_a_cut_log(tmp_path):
     log = tmp_path / "tests.log"
     log.write_text("[gw0] [ 50%] PASSED tests/a.py::t1\n[gw1] [100%] FAILED tests/a.py::t2\n")
