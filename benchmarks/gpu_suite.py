@@ -25,7 +25,9 @@ Each invocation has a run id (``PTPEFT_RUN_ID``), written into every CSV row it 
 summary reads only this run's rows, so reruns into one ``--out`` report their own figures. Logs
 go to ``DIR/logs/<run id>/<phase>.log``; ``DIR/summary.md`` (also copied next to the logs) lists
 every target with its measured figure and met / missed / not reached, each phase's status, and
-what was skipped (a missing ``nvidia-smi``, ``pytest-xdist`` or ``peft`` never ends the run).
+what was skipped (a missing ``nvidia-smi``, ``pytest-xdist`` or ``peft`` never ends the run, nor does
+a missing optional test dependency: ``hypothesis``, ``trl``, ``accelerate``, ``bitsandbytes``; the tests
+run with ``PTPEFT_SKIP_MISSING_TEST_DEPS=1``, so tests that need one skip, naming it).
 
 Adding a phase (the CUDA extension's, say) is one entry in ``PHASES`` and, for its verdicts,
 entries in ``TARGETS``::
@@ -66,6 +68,10 @@ TARGET_WALL_S = 360.0  # the GPU-readiness issue's limit for the whole suite on 
 SUMMARY_RESERVE_S = 2.0  # kept back from the phases for the summary
 MIN_PHASE_S = 1.0  # a phase with less than this left is not started ("not reached")
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL to a timed-out process group
+# Test dependencies CI installs (the test extra) that a GPU image may lack: with
+# PTPEFT_SKIP_MISSING_TEST_DEPS=1 (tests/optional.py) their tests skip, naming the package, instead of
+# failing to import at collection, which would stop the whole tests phase (import name = pip name).
+OPTIONAL_TEST_DEPS = ("hypothesis", "trl", "accelerate", "bitsandbytes", "peft")
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,9 @@ class Run:
                 cmd += ["-n", str(self.args.workers)]
             else:
                 self.skip("pytest-xdist is not installed: the tests ran in one process")
+        for package in OPTIONAL_TEST_DEPS:
+            if not self.has(package):
+                self.skip(f"{package} is not installed: the tests that need it were skipped (see the log)")
         return [*cmd, *paths]
 
     def bench_args(self, csv_name: str, repeats: int | None = None, warmup: int | None = None) -> list[str]:
@@ -165,6 +174,7 @@ class Run:
             "TRITON_CACHE_AUTOTUNING": "1",
             "PTPEFT_AUTOTUNE": "1" if self.args.autotune else "0",
             "PTPEFT_VERIFY": "0",
+            "PTPEFT_SKIP_MISSING_TEST_DEPS": "1",  # tests/optional.py
             "PYTHONUNBUFFERED": "1",
         }
         if self.args.smoke:
@@ -206,7 +216,7 @@ elif sys.argv[1] == 'require-cuda':
     sys.exit('no CUDA device: this suite measures a GPU (use --smoke to check the plumbing on a CPU)')
 else:
     print('device', 'CPU (smoke run)')
-for name in ('triton', 'transformers', 'peft', 'pytest', 'pytest-xdist'):
+for name in ('triton', 'transformers', 'peft', 'pytest', 'pytest-xdist', 'numpy', 'pillow', 'hypothesis'):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
@@ -306,7 +316,8 @@ PHASES: list[Phase] = [
         "train_step",
         0.08,
         "the built-in model's stage-2 training step against PEFT's, bf16",
-        _bench("train_step.py", "train_step", "train_step.csv", needs=("peft", "transformers")),
+        # the built-in model's batch is drawn and processed as images: PIL (pillow) too
+        _bench("train_step.py", "train_step", "train_step.csv", needs=("peft", "transformers", "PIL")),
     ),
 ]
 

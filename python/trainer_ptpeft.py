@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import ptpeft_kernels as pk
+from ptpeft_kernels.integrations.hf_trainer import checkpointing_argument
 from ptpeft_kernels.integrations.tiny import IMAGE_TOKEN, tiny_inputs, tiny_model
 
 
@@ -55,7 +56,7 @@ def stage_args(output_dir: Path, lr: float, steps: int, a: argparse.Namespace):
         per_device_train_batch_size=a.batch_size,
         save_steps=a.save_steps,
         logging_steps=1,
-        activation_checkpointing=a.gradient_checkpointing,
+        **checkpointing_argument(a.gradient_checkpointing),  # the field's name depends on the release
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),

@@ -157,18 +157,20 @@ def test_a_phase_the_budget_cannot_start_is_not_reached(tmp_path):
     ]
 
 
-def test_missing_nvidia_smi_and_xdist_are_skipped_and_said(tmp_path, monkeypatch):
+def test_missing_nvidia_smi_xdist_and_test_dependencies_are_skipped_and_said(tmp_path, monkeypatch):
     real_has = gpu_suite.Run.has
     monkeypatch.setattr(
         gpu_suite.Run,
         "has",
-        lambda self, need: need not in ("exe:nvidia-smi", "xdist") and real_has(self, need),
+        lambda self, need: need not in ("exe:nvidia-smi", "xdist", "hypothesis") and real_has(self, need),
     )
     commands = []
 
     def tests_steps(run):
         commands.append(run.pytest("tests/x.py"))
-        return [Step([PY, "-c", "pass"])]
+        # what tests/optional.py reads to skip a test module whose dependency is missing
+        check = "import os, sys; sys.exit(os.environ['PTPEFT_SKIP_MISSING_TEST_DEPS'] != '1')"
+        return [Step([PY, "-c", check])]
 
     phases = [
         Phase(
@@ -189,7 +191,19 @@ def test_missing_nvidia_smi_and_xdist_are_skipped_and_said(tmp_path, monkeypatch
     skipped = next(line for line in text.splitlines() if line.startswith("Skipped: "))
     assert "env: `nvidia-smi` skipped, nvidia-smi not found" in skipped
     assert "pytest-xdist is not installed: the tests ran in one process" in skipped
+    assert "hypothesis is not installed: the tests that need it were skipped" in skipped
     assert _phase_status(text, "env") == "ok" and _phase_status(text, "only-smi") == "skipped"
+
+
+def test_train_step_without_pillow_is_skipped_and_said_not_failed(tmp_path, monkeypatch):
+    """The built-in model's batch is images: on a GPU image without pillow the phase skips, naming PIL."""
+    real_has = gpu_suite.Run.has
+    monkeypatch.setattr(gpu_suite.Run, "has", lambda self, need: need != "PIL" and real_has(self, need))
+    code = gpu_suite.main(["--out", str(tmp_path), "--smoke", "--phases", "train_step", "--budget-s", "60"])
+    text = (tmp_path / "summary.md").read_text()
+    assert code == 0 and _phase_status(text, "train_step") == "skipped"
+    skipped = next(line for line in text.splitlines() if line.startswith("Skipped: "))
+    assert "train_step: `benchmarks/train_step.py --preset tiny" in skipped and "PIL not found" in skipped
 
 
 def test_pytest_outcome_from_a_finished_and_from_a_cut_log(tmp_path):

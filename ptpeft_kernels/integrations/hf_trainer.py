@@ -35,6 +35,7 @@ stage-1 optimizer and never update the LoRA weights, silently.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,28 @@ STAGE_ARGS = (
     "eval_steps",
     "seed",
 )
+
+
+def checkpointing_argument(enabled: bool, arguments_class: type | None = None) -> dict[str, bool]:
+    """The ``TrainingArguments`` keyword that switches activation (gradient) checkpointing, as a dict.
+
+    transformers 5.23 renamed the field ``gradient_checkpointing`` to ``activation_checkpointing``
+    (the old name warns from then on and goes in 6); 5.17 to 5.22 know only the old one, and refuse
+    the new. ``TrainingArguments(..., **checkpointing_argument(True))`` works on every release the
+    package supports. ``arguments_class``: the class to ask (default ``transformers.TrainingArguments``).
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
+    if arguments_class is None:
+        from transformers import TrainingArguments as arguments_class
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in names:
+            return {name: enabled}
+    raise TypeError(
+        f"{arguments_class.__name__} has neither activation_checkpointing nor gradient_checkpointing: "
+        f"not a transformers TrainingArguments class"
+    )
 
 
 def is_ptpeft_checkpoint(path: str | os.PathLike) -> bool:

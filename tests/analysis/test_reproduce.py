@@ -348,7 +348,10 @@ def test_under_torchrun_every_run_is_one_distributed_training(tiny_run, tiny_cac
     proc = subprocess.run(
         [*cmd, "-m", "ptpeft_kernels.reproduce", *argv], env=env, capture_output=True, text=True, timeout=900
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A rank that fails prints "error: ..." (reproduce.main, exit 2) long before the other rank's traceback
+    # and torchrun's report fill the end of stderr: show those lines too.
+    errors = "\n".join(line for line in proc.stderr.splitlines() if "error:" in line)
+    assert proc.returncode == 0, errors + "\n...\n" + proc.stderr[-3000:]
     assert proc.stdout.count("wall time") == 1  # rank 0 alone prints the result
     for m, seed in (("lora", 0), ("lora", 1)):
         ddp = json.loads((tmp_path / "ddp" / "runs" / f"{m}-seed{seed}" / "report.json").read_text())

@@ -83,6 +83,17 @@ SPECS: dict[str, tuple[str, str, dict, tuple[int, int, int] | None]] = {
 }
 FUSED = ["phi3", "gpt_neox", "gpt2", "gpt_bigcode", "codegen", "persimmon"]
 BYPASSING = ["falcon", "bloom", "mpt"]
+# The transformers release from which a FUSED family dispatches through AttentionInterface; before it
+# the family computes attention itself, like the BYPASSING ones (read in each release's modeling file).
+ROUTED_SINCE = {"codegen": (5, 24)}
+
+
+def routes_attention(family: str) -> bool:
+    """Whether the installed transformers routes ``family``'s attention through its registry."""
+    import transformers
+
+    installed = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    return installed >= ROUTED_SINCE.get(family, (0, 0))
 
 
 def build(family: str, **overrides) -> torch.nn.Module:

@@ -12,6 +12,7 @@ import ptpeft_kernels as pk
 from ptpeft_kernels.integrations import checkpoint as ckpt
 from ptpeft_kernels.integrations.stages import parameter_kinds
 from ptpeft_kernels.integrations.tiny import tiny_model
+from tests.optional import require
 
 from .conftest import base_model, forward_inputs, randomize_added, valid_positions
 
@@ -250,7 +251,7 @@ def test_lora_module_widths_are_checked_before_lora_is_added(tmp_path):
 
 
 def test_a_peft_lora_checkpoint_from_a_shallower_model_is_refused(tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = require("peft", "PEFT checkpoint refusals")
     shallow = peft.get_peft_model(
         base_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     )

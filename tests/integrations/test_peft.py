@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import ptpeft_kernels as pk
+from tests.optional import require
 
 from .conftest import base_model, forward_inputs, randomize_added, valid_positions
 
-peft = pytest.importorskip("peft")
+peft = require("peft", "the PEFT interoperability tests")
 
 
 def _copy_lora_into_peft(ours, theirs):

@@ -13,10 +13,11 @@ import torch
 
 import ptpeft_kernels as pk
 from ptpeft_kernels.integrations import checkpoint as ckpt
+from tests.optional import require
 
 from .conftest import base_model, forward_inputs, randomize_added, valid_positions
 
-peft = pytest.importorskip("peft")
+peft = require("peft", "the PEFT interoperability tests")
 
 # (targets, r, alpha): the majority (q/k, 4 layers) sets PEFT's r and lora_alpha; o_proj shares
 # the rank with another alpha, v_proj differs in both.

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.optional import require
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "python" / "trainer_ptpeft.py"
 # Two steps per stage, a checkpoint after every step; the DDP run splits each batch of 4 over two processes.
@@ -85,6 +87,7 @@ def _free_port() -> int:
 
 
 def test_accelerate_launch_two_cpu_processes_matches_one(single, tmp_path):
+    require("accelerate", "accelerate launch")
     out, result = single
     ddp = tmp_path / "ddp"
     env = {

@@ -9,8 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 import ptpeft_kernels as pk
+from tests.optional import require
 
 from ..train.tiny_families import build_llava
+
+require("trl", "the SFTTrainer tests")
+require("datasets", "the SFTTrainer tests (TRL's datasets)")
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "the", "left", "right", "top"]
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
-import ptpeft_kernels as pk
-from ptpeft_kernels.ops.adapter import adapter_ref
-from ptpeft_kernels.ops.lora import lora_linear_ref
-from ptpeft_kernels.ops.prefix_attention import prefix_attention_ref
-from tests.helpers import assert_close, triton_marks
+from tests.optional import require
+
+require("hypothesis", "the empty-dimension property tests")
+
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import ptpeft_kernels as pk  # noqa: E402
+from ptpeft_kernels.ops.adapter import adapter_ref  # noqa: E402
+from ptpeft_kernels.ops.lora import lora_linear_ref  # noqa: E402
+from ptpeft_kernels.ops.prefix_attention import prefix_attention_ref  # noqa: E402
+from tests.helpers import assert_close, triton_marks  # noqa: E402
 
 BACKENDS = ["torch", pytest.param("triton", marks=triton_marks())]
 EXAMPLES = {"torch": 40, "triton": 12}

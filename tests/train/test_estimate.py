@@ -7,6 +7,7 @@ from ptpeft_kernels.train.config import parse_args
 from ptpeft_kernels.train.estimate import estimate, estimate_config, format_estimate
 from ptpeft_kernels.train.memory_probe import measure_training_peak
 from ptpeft_kernels.train.run import train
+from tests.optional import require
 
 
 def _wide_vocab_config(tmp_path):
@@ -65,7 +66,7 @@ def test_cli_fsdp_and_4bit(capsys, tiny_assets):
     assert 0.2 * one["activations"] < fsdp["activations"] < 0.4 * one["activations"]
     q4 = estimate(parse_args([*base, "--load-in-4bit"]))
     assert "nf4" in q4["weights_by_kind"] and q4["weights"] < 0.6 * one["weights"]
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes", "the 4-bit base's measured memory")
     assert bnb
     import torch
 

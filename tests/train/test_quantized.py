@@ -12,10 +12,11 @@ import ptpeft_kernels as pk
 from ptpeft_kernels.layers import LoRALinear
 from ptpeft_kernels.ops.lora import draw_dropout_seed, dropout_mask
 from ptpeft_kernels.train.run import train
+from tests.optional import require
 
 from .conftest import TINY
 
-bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit tests need the qlora extra (bitsandbytes)")
+bnb = require("bitsandbytes", "the 4-bit tests (the qlora extra)")
 
 
 def _linear4bit(in_f: int, out_f: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
