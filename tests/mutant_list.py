@@ -558,9 +558,9 @@ MUTANTS: list[Mutant] = [
         "pass",
         (
             "tests/integrations/test_head_shapes.py::"
-            "test_fused_qkv_families_get_prefixes_equal_to_eager_over_a_prefilled_cache[gpt2-False]",
+            "test_fused_qkv_families_get_prefixes_equal_to_eager_over_a_prefilled_cache[gpt_neox-False]",
         ),
-        "families whose attention module has no head count (GPT-2, ...) refuse prefixes",
+        "families whose attention module keeps no head count (GPT-NeoX, Phi-3) refuse prefixes",
     ),
     Mutant(
         "fused-qkv-kv-heads-unread",
@@ -569,9 +569,9 @@ MUTANTS: list[Mutant] = [
         "num_kv = None",
         (
             "tests/integrations/test_head_shapes.py::"
-            "test_fused_qkv_families_get_prefixes_equal_to_eager_over_a_prefilled_cache[phi3-False]",
+            "test_fused_qkv_families_get_prefixes_equal_to_eager_over_a_prefilled_cache[gpt_neox-False]",
         ),
-        "fused-QKV models with grouped KV heads (Phi-3) get prefixes of the wrong head count",
+        "fused-QKV models that keep their KV head count nowhere else (GPT-NeoX, CodeGen) refuse prefixes",
     ),
     # ---- issue 17 (CUDA backend, host-compiled headers)
     Mutant(

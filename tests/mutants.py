@@ -166,6 +166,8 @@ def run_mutant(
         return "killed", seconds, _first_failure(output) or "collection failed"
     if proc.returncode < 0:  # the mutation crashed the interpreter (SIGFPE, SIGSEGV): a user notices
         return "killed", seconds, f"pytest died of {_signal_name(-proc.returncode)}"
+    if _first_failure(output):  # a test failed, then pytest itself broke (exit 3: e.g. a hung worker's
+        return "killed", seconds, _first_failure(output)  # unraisable exception at exit)
     tail = output.strip().splitlines()[-1:] or [""]
     return "error", seconds, f"pytest exit {proc.returncode}: {tail[0]}"
 

@@ -6,6 +6,7 @@ so a refactor that moves a mutated line is caught here, not at the next mutation
 """
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,21 @@ def test_run_mutant_classifies_failures_passes_and_crashes(toy_repo, replace, st
     got_status, seconds, got_detail = mutants.run_mutant(m, toy_repo, 60.0, [])
     assert (got_status, got_detail) == (status, detail) and seconds > 0
     assert (toy_repo / "toy.py").read_text() == "def answer():\n    return 42\n"  # restored
+
+
+@pytest.mark.parametrize(
+    "output,status",
+    [("FAILED test_toy.py::test_answer - assert 41 == 42\n", "killed"), ("1 passed\n", "error")],
+    ids=["after-a-failure", "after-passing"],
+)
+def test_a_pytest_internal_error_counts_as_a_kill_only_after_a_failure(toy_repo, monkeypatch, output, status):
+    """Exit 3 (INTERNALERROR): seen when a mutation left a DataLoader worker hung, whose unraisable
+    exception broke pytest's exit after the test had failed."""
+    done = subprocess.CompletedProcess([], 3, stdout=output + "INTERNALERROR> RuntimeError\n", stderr="")
+    monkeypatch.setattr(mutants, "_pytest", lambda *args: done)
+    m = Mutant("toy", "toy.py", "return 42", "return 41", ("test_toy.py::test_answer",), "a wrong answer")
+    got, _, detail = mutants.run_mutant(m, toy_repo, 60.0, [])
+    assert got == status and (detail == "FAILED test_toy.py::test_answer") == (status == "killed")
 
 
 def test_a_text_that_is_not_there_once_is_an_error_not_a_kill(toy_repo):
