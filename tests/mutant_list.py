@@ -715,7 +715,10 @@ MUTANTS: list[Mutant] = [
         "ptpeft_kernels/train/interrupt.py",
         "signal.signal(signal.SIGTERM, _quiet_exit)",
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
-        ("tests/train/test_hardening.py::test_an_image_that_breaks_after_the_check_names_the_file",),
+        (
+            "tests/train/test_interrupt.py::test_a_worker_ignores_ctrl_c_and_ends_quietly_on_sigterm",
+            "tests/train/test_hardening.py::test_an_image_that_breaks_after_the_check_names_the_file",
+        ),
         "a run whose DataLoader worker fails hangs forever at shutdown",
     ),
     Mutant(
@@ -787,7 +790,7 @@ MUTANTS: list[Mutant] = [
         "ptpeft_kernels/train/interrupt.py",
         "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n",
         "",
-        ("tests/train/test_interrupt.py::test_signal_checkpoints_the_finished_step_and_resumes",),
+        ("tests/train/test_interrupt.py::test_a_worker_ignores_ctrl_c_and_ends_quietly_on_sigterm",),
         "Ctrl-C kills the DataLoader workers first: the run dies instead of checkpointing",
     ),
     Mutant(
