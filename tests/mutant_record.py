@@ -3,7 +3,7 @@
 The record is a JSON object ``{mutant name: result}``; each result holds the status (killed /
 survived / error), the seconds its tests took, the runner's detail (the first failing test node),
 the date, the command, and a fingerprint of the mutation (file, find, replace, tests), so that a
-changed mutant is run again by ``--resume`` and marked stale on the page. It is rewritten
+changed mutant (or one not killed) is run again by ``--resume`` and marked stale on the page. It is rewritten
 atomically after every mutant: an interrupted run keeps what it measured.
 """
 
@@ -47,6 +47,11 @@ def is_current(record: dict[str, dict], m: Mutant) -> bool:
     """Whether ``record`` holds a result of ``m`` as it is now (same mutation, same tests)."""
     entry = record.get(m.name)
     return entry is not None and entry.get("fingerprint") == fingerprint(m)
+
+
+def is_killed(record: dict[str, dict], m: Mutant) -> bool:
+    """Whether ``record`` shows ``m``, as it is now, killed (``--resume`` skips it)."""
+    return is_current(record, m) and record[m.name]["status"] == "killed"
 
 
 def _cell(text: str) -> str:

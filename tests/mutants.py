@@ -4,7 +4,7 @@
     python tests/mutants.py --only NAME     # one (repeatable)
     python tests/mutants.py --list          # what there is
     python tests/mutants.py --baseline      # also check each mutant's tests pass unmutated first
-    python tests/mutants.py --record docs/mutants.json [--resume]   # keep the results (resume: skip done)
+    python tests/mutants.py --record docs/mutants.json [--resume]   # keep results; resume: skip the killed
     python tests/mutants.py --markdown docs/mutants.md              # the page of that record; no tests run
 
 The repository (tracked and untracked-but-not-ignored files) is copied to a temporary directory
@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"merge each result into this record, rewritten after every mutant (e.g. {DEFAULT_RECORD})",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="with --record: skip mutants it already holds a result of"
+        "--resume",
+        action="store_true",
+        help="with --record: skip mutants it records killed (as they are now)",
     )
     parser.add_argument(
         "--markdown",
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         selected = [m for m in MUTANTS if m.name in args.only]
     if args.resume:
         done = mutant_record.load(args.record)
-        selected = [m for m in selected if not mutant_record.is_current(done, m)]
+        selected = [m for m in selected if not mutant_record.is_killed(done, m)]
     command = " ".join(["python tests/mutants.py", *(argv if argv is not None else sys.argv[1:])])
 
     # A terminated run still removes its copy (and subprocess.run kills the pytest it waits for).

@@ -98,6 +98,9 @@ def test_the_record_merges_results_and_the_page_shows_each_mutant(tmp_path):
     record = {name: {**entry, **run} for name, entry in record.items()}
     changed = killed._replace(replace="x - 1")
     assert mutant_record.is_current(record, killed) and not mutant_record.is_current(record, changed)
+    assert [mutant_record.is_killed(record, m) for m in (killed, changed, lived, never)] == [True] + [
+        False
+    ] * 3
 
     page = mutant_record.markdown([killed, lived, never], record, "r.json")
     rows = [line for line in page.splitlines() if line.startswith("| ") and "-bug" in line]
