@@ -4,6 +4,8 @@
     python tests/mutants.py --only NAME     # one (repeatable)
     python tests/mutants.py --list          # what there is
     python tests/mutants.py --baseline      # also check each mutant's tests pass unmutated first
+    python tests/mutants.py --record docs/mutants.json [--resume]   # keep results; resume: skip the killed
+    python tests/mutants.py --markdown docs/mutants.md              # the page of that record; no tests run
 
 The repository (tracked and untracked-but-not-ignored files) is copied to a temporary directory
 once; each mutant then replaces one exact text in one file of the copy, runs only the tests it
@@ -11,7 +13,8 @@ names there (``python -m pytest -x``, ``PYTHONPATH`` at the copy, no bytecode wr
 restores the file. The working tree is never touched. A mutant is *killed* when its tests fail
 (or cannot even be collected: the mutation broke an import), *survived* when they pass, and an
 *error* when it cannot be applied (its text is not in the file exactly once) or its tests do not
-exist. Exit status: 0 when every mutant was killed, 1 otherwise.
+exist. A pytest that dies of a signal (the mutation crashed the interpreter) counts as killed.
+Exit status: 0 when every mutant was killed, 1 otherwise.
 
 Not collected by the default test command (pytest collects ``test_*.py`` only). Add mutants in
 ``tests/mutant_list.py``.
@@ -29,10 +32,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:  # imported as tests.mutants (tests/test_mutants.py)
+    from . import mutant_record
+    from .mutant_list import MUTANTS, Mutant
+except ImportError:  # run as a script: python tests/mutants.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import mutant_record
+    from mutant_list import MUTANTS, Mutant
 
-from mutant_list import MUTANTS, Mutant  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECORD = Path("docs/mutants.json")
 
 
 def _repo_files(root: Path) -> list[Path]:
@@ -155,8 +164,23 @@ def run_mutant(
         return "killed", seconds, _first_failure(output) or "tests failed"
     if proc.returncode == 2:  # interrupted: collection errors (an import the mutation broke)
         return "killed", seconds, _first_failure(output) or "collection failed"
+    if proc.returncode < 0:  # the mutation crashed the interpreter (SIGFPE, SIGSEGV): a user notices
+        return "killed", seconds, f"pytest died of {_signal_name(-proc.returncode)}"
+    if _first_failure(output):  # a test failed, then pytest itself broke (exit 3: e.g. a hung worker's
+        return "killed", seconds, _first_failure(output)  # unraisable exception at exit)
     tail = output.strip().splitlines()[-1:] or [""]
     return "error", seconds, f"pytest exit {proc.returncode}: {tail[0]}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +196,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repo", type=Path, default=REPO, help="checkout to copy and mutate (default: this one)"
     )
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="JSON",
+        help=f"merge each result into this record, rewritten after every mutant (e.g. {DEFAULT_RECORD})",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --record: skip mutants it records killed (as they are now)",
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="PATH",
+        help=f"write the page of the record (--record, default {DEFAULT_RECORD}) to PATH and exit; "
+        "runs no tests",
+    )
     args = parser.parse_args(argv)
 
     names = [m.name for m in MUTANTS]
@@ -182,12 +224,25 @@ def main(argv: list[str] | None = None) -> int:
         for m in MUTANTS:
             print(f"{m.name:<38} {m.file}\n{'':<38} {m.notice}\n{'':<38} tests: {' '.join(m.tests)}")
         return 0
+    if args.markdown:
+        source = args.record or REPO / DEFAULT_RECORD
+        record = mutant_record.load(source)
+        shown = source.resolve().relative_to(REPO) if source.resolve().is_relative_to(REPO) else source
+        args.markdown.write_text(mutant_record.markdown(MUTANTS, record, str(shown)))
+        print(f"wrote {args.markdown} from {source}")
+        return 0
+    if args.resume and not args.record:
+        parser.error("--resume needs --record")
     selected = MUTANTS
     if args.only:
         unknown = sorted(set(args.only) - set(names))
         if unknown:
             parser.error(f"unknown mutant(s) {unknown}; see --list")
         selected = [m for m in MUTANTS if m.name in args.only]
+    if args.resume:
+        done = mutant_record.load(args.record)
+        selected = [m for m in selected if not mutant_record.is_killed(done, m)]
+    command = " ".join(["python tests/mutants.py", *(argv if argv is not None else sys.argv[1:])])
 
     # A terminated run still removes its copy (and subprocess.run kills the pytest it waits for).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -205,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             results.append((m, status, seconds))
             print(f"{m.name:<38} {status:<9} {seconds:7.1f}  {detail}", flush=True)
+            if args.record:
+                result = {"status": status, "seconds": round(seconds, 1), "detail": detail}
+                mutant_record.store(args.record, m, {**result, "date": _today(), "command": command})
     finally:
         if args.keep:
             print(f"\nkept {copy}")

@@ -144,6 +144,13 @@ def test_tiny_reproduction_writes_tables_equal_to_the_run_reports(tiny_run):
             )
             for s in range(SEEDS)
         ]
+        q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+        for s, b in enumerate(boots):  # each run saved the replicates its own report's interval came from
+            ci = reports[(m, s)]["stages"][-1]["representation"]["ci"]
+            for key in KEYS[1:]:
+                saved = b[f"downstream/{key}"]
+                assert saved.dtype == torch.float64, key  # float32 would round them: other intervals
+                assert ci[key] == pytest.approx(torch.quantile(saved, q).tolist(), abs=1e-12), key
         for key in KEYS[1:]:
             mean_reps = sum(b[f"downstream/{key}"].double() for b in boots) / SEEDS
             lo, hi = torch.quantile(mean_reps, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()

@@ -3,6 +3,7 @@ exits 130 / 143; resumed, it ends as an uninterrupted run does. Real signals to 
 process (Ctrl-C reaches the terminal's whole process group, DataLoader workers included)."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from ptpeft_kernels.train.run import train
 
@@ -116,3 +118,38 @@ def test_a_stop_between_training_and_evaluation_keeps_the_stage(tmp_path, tiny_a
     for got, want in zip(report["stages"], plain["stages"], strict=True):
         assert got["scores"] == pytest.approx(want["scores"], rel=1e-6)
         assert got["representation"]["cka"] == pytest.approx(want["representation"]["cka"], abs=1e-5)
+
+
+class _SlowSecondItem(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        if i == 1:
+            time.sleep(1.0)  # the main process waits for this item when the Ctrl-C arrives
+        return os.getpid()
+
+
+def test_a_worker_ignores_ctrl_c_and_ends_quietly_on_sigterm():
+    """A Ctrl-C reaches the whole process group. A worker that died of it while the main process
+    waited for its batch crashed the run ("DataLoader worker exited unexpectedly") instead of letting
+    it checkpoint; the end-to-end test above only catches that when the signal lands in such a wait.
+    SIGTERM must still end a worker, with status 0 (the loader's shutdown and the run's exit use it)."""
+    from ptpeft_kernels.train import interrupt
+
+    loader = torch.utils.data.DataLoader(
+        _SlowSecondItem(), batch_size=None, num_workers=1, worker_init_fn=interrupt.init_worker
+    )
+    batches = iter(loader)
+    worker_pid = int(next(batches))
+    os.kill(worker_pid, signal.SIGINT)  # the worker is sleeping over item 1
+    assert int(next(batches)) == worker_pid
+    (worker,) = [p for p in multiprocessing.active_children() if p.pid == worker_pid]
+    os.kill(worker_pid, signal.SIGTERM)
+    worker.join(timeout=10)
+    try:
+        assert worker.exitcode == 0, f"the worker did not end quietly on SIGTERM (exit {worker.exitcode})"
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        del batches
