@@ -321,7 +321,7 @@ MUTANTS: list[Mutant] = [
         "benchmarks/gpu_suite.py",
         'missing = [need.removeprefix("exe:") for need in step.needs if not run.has(need)]',
         "missing = []",
-        ("tests/test_gpu_suite.py::test_missing_nvidia_smi_and_xdist_are_skipped_and_said",),
+        ("tests/test_gpu_suite.py::test_missing_nvidia_smi_xdist_and_test_dependencies_are_skipped_and_said",),
         "the suite crashes on a machine without nvidia-smi instead of skipping that step",
     ),
     Mutant(
@@ -329,7 +329,7 @@ MUTANTS: list[Mutant] = [
         "benchmarks/gpu_suite.py",
         'if self.has("xdist"):',
         "if True:",
-        ("tests/test_gpu_suite.py::test_missing_nvidia_smi_and_xdist_are_skipped_and_said",),
+        ("tests/test_gpu_suite.py::test_missing_nvidia_smi_xdist_and_test_dependencies_are_skipped_and_said",),
         "without pytest-xdist the tests phase fails on an unknown -n option",
     ),
     Mutant(
