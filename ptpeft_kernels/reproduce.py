@@ -723,12 +723,28 @@ def reproduce(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+CONTINUE_HINT = (
+    "run the same reproduce command again to continue: finished runs are reused, unfinished ones "
+    "continue from their last checkpoint"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .train.interrupt import Interrupted
+
     try:
         reproduce(argv)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        # The driver's advice (--resume one run directory) is not what a reproduce user wants.
+        what = str(exc).split(". Continue the run with", 1)[0]
+        print(f"reproduce: {what}.\n{CONTINUE_HINT}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"reproduce: interrupted before a checkpoint was written; {CONTINUE_HINT}", file=sys.stderr)
+        return 130
     return 0
 
 

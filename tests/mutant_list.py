@@ -950,4 +950,15 @@ MUTANTS: list[Mutant] = [
         ),
         "a benchmark provider whose LoRA or prefix is not applied is timed as if correct",
     ),
+    Mutant(
+        "reproduce-interrupt-traceback",
+        "ptpeft_kernels/reproduce.py",
+        "    except Interrupted as exc:",
+        "    except ZeroDivisionError as exc:",
+        (
+            "tests/analysis/test_reproduce.py::"
+            "test_a_signal_during_a_run_ends_with_the_reproduce_hint_not_a_traceback",
+        ),
+        "Ctrl-C of reproduce prints a traceback and the driver's --resume advice for one run directory",
+    ),
 ]

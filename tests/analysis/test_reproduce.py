@@ -367,3 +367,29 @@ def test_under_torchrun_every_run_is_one_distributed_training(tiny_run, tiny_cac
         # Same global batch, same run (the driver's DDP guarantee) up to the all-reduce's round-off.
         assert _last(ddp) == pytest.approx(_last(ref), rel=1e-4, abs=1e-4)
     assert "torchrun --nproc_per_node=2" in (tmp_path / "ddp" / "reproduce.md").read_text()
+
+
+def test_a_signal_during_a_run_ends_with_the_reproduce_hint_not_a_traceback(
+    tiny_run, tiny_cache, tmp_path, monkeypatch, capsys
+):
+    """A Ctrl-C of ``reproduce`` (one run at a time) reaches it as the driver's ``Interrupted``:
+    before the fix it escaped ``main`` as a traceback ending in the driver's ``--resume DIR`` advice."""
+    import signal
+
+    import ptpeft_kernels.reproduce as reproduce_module
+    from ptpeft_kernels.train.interrupt import Interrupted
+
+    driver_message = (
+        "interrupted by SIGINT: finished global step 1 (stage full, step 1); checkpoint step-0000001 "
+        "written in /x/runs/full-seed0. Continue the run with:\n  python -m ptpeft_kernels.train --resume /x"
+    )
+
+    def interrupted(argv, log_path):
+        raise Interrupted(signal.SIGINT, driver_message)
+
+    monkeypatch.setattr(reproduce_module, "_train_one", interrupted)
+    assert main(_argv(tmp_path / "o", tiny_cache)) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "checkpoint step-0000001 written in /x/runs/full-seed0." in err
+    assert "run the same reproduce command again to continue" in err
+    assert "--resume" not in err and "Traceback" not in err
