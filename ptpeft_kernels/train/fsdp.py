@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed as D
 from .loop import Trainer, apply_stage
 from .sharded_checkpoint import ShardedCheckpoint, save_sharded
 
@@ -247,7 +246,6 @@ class FSDPTrainer(Trainer):
         """Every rank generates its share; shares are padded to equal batch counts (FSDP's all-gathers
         need every rank in every forward) and ``synced_gpus`` keeps finished ranks stepping."""
         from .data import model_inputs
-        from .metrics import task_scores
 
         model = self.model
         model.eval()
@@ -275,16 +273,7 @@ class FSDPTrainer(Trainer):
             for i, (key, text) in enumerate(zip(batch["keys"], texts, strict=False)):
                 if start + i < len(mine):  # the padding's predictions are dropped
                     preds[key] = text.strip().split("\n")[0].strip()
-        gathered: dict[Any, str] = {}
-        for part in D.gather_objects(preds, self.dist):
-            gathered.update(part)
-        if len(gathered) != len(self.data.eval):  # ids are checked unique when the data is loaded
-            raise RuntimeError(
-                f"{len(gathered)} predictions for {len(self.data.eval)} evaluation examples: ids collided"
-            )
-        self.scored = len(gathered)
-        refs = {e.key: list(e.references) for e in self.data.eval}
-        return task_scores(self.cfg.task, gathered, refs), gathered
+        return self._score_predictions(preds)
 
     @torch.no_grad()
     def representation(self, name: str = "eval") -> dict[str, Any] | None:

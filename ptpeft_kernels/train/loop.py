@@ -263,6 +263,10 @@ class Trainer:
                 batch["keys"], tok.batch_decode(new, skip_special_tokens=True), strict=False
             ):
                 preds[key] = text.strip().split("\n")[0].strip()
+        return self._score_predictions(preds)
+
+    def _score_predictions(self, preds: dict[Any, str]) -> tuple[dict[str, float], dict[Any, str]]:
+        """Gather every process's predictions, check one per evaluation example, and score them."""
         gathered: dict[Any, str] = {}
         for part in D.gather_objects(preds, self.dist):
             gathered.update(part)
