@@ -413,7 +413,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "load-skips-lora-shape-check",
         "ptpeft_kernels/integrations/checkpoint.py",
-        '_check_lora_shapes(model, config["lora"]["modules"], directory / LORA_WEIGHTS)',
+        '_check_lora_shapes(model, config["lora"]["modules"], peft_directory / LORA_WEIGHTS)',
         "pass",
         ("tests/integrations/test_checkpoint.py::test_lora_module_widths_are_checked_before_lora_is_added",),
         "a LoRA checkpoint of other widths adds LoRA layers, then fails: the model is left half-changed",
@@ -960,5 +960,37 @@ MUTANTS: list[Mutant] = [
             "test_a_signal_during_a_run_ends_with_the_reproduce_hint_not_a_traceback",
         ),
         "Ctrl-C of reproduce prints a traceback and the driver's --resume advice for one run directory",
+    ),
+    # ---- save_adapters' layout (format version 2): transformers' from_pretrained / load_adapter loaded the
+    # top-level PEFT files of a prefixes + LoRA checkpoint and dropped the prefixes without a word
+    Mutant(
+        "peft-files-beside-prefixes",
+        "ptpeft_kernels/integrations/checkpoint.py",
+        'peft_dir = "." if bank is None and spec is None else PEFT_SUBDIR',
+        'peft_dir = "."',
+        (
+            "tests/integrations/test_peft_layout.py::"
+            "test_prefixes_and_lora_are_out_of_reach_of_transformers_peft_loading",
+        ),
+        "Model.from_pretrained(adapters) loads the LoRA part, drops the prefixes silently (logits 0.58 off)",
+    ),
+    Mutant(
+        "stale-peft-files-kept",
+        "ptpeft_kernels/integrations/checkpoint.py",
+        "for stale in (PREFIX_WEIGHTS, ADAPTER_WEIGHTS, *peft_files):",
+        "for stale in (PREFIX_WEIGHTS, ADAPTER_WEIGHTS):",
+        (
+            "tests/integrations/test_peft_layout.py::"
+            "test_saving_another_layout_into_the_same_directory_leaves_no_stale_files",
+        ),
+        "a LoRA-only save's top-level PEFT files outlive a later prefixes + LoRA save into that directory",
+    ),
+    Mutant(
+        "peft-directory-unchecked",
+        "ptpeft_kernels/integrations/checkpoint.py",
+        'if sub not in (".", PEFT_SUBDIR):',
+        "if False:",
+        ("tests/integrations/test_peft_layout.py::test_a_peft_directory_outside_the_layout_is_refused",),
+        "a damaged ptpeft_config.json makes load_adapters read LoRA files from outside the checkpoint",
     ),
 ]

@@ -7,7 +7,13 @@ Layout:
   directory without it (or with files it does not list) is an interrupted save;
 - ``adapter_config.json`` + ``adapter_model.safetensors`` — the LoRA part in PEFT's format
   and key names (``base_model.model.<module>.lora_A.weight``), loadable by
-  ``peft.PeftModel.from_pretrained(base, path)``;
+  ``peft.PeftModel.from_pretrained(base, path)``. At the top level only when LoRA is all the
+  checkpoint holds; beside prefixes or adapters they go into the ``peft_lora/`` subfolder
+  (``PeftModel.from_pretrained(base, path + "/peft_lora")``). Why: with peft installed,
+  transformers' ``Model.from_pretrained(path)`` and ``model.load_adapter(path)`` load whatever
+  PEFT checkpoint sits at the top level and nothing else -- measured on the tiny LLaVA with
+  prefixes + LoRA (format version 1): no warning, logits 0.58 from the saved model's. Out of their
+  reach they fail loudly instead (no ``config.json`` / ``adapter_config.json``);
 - ``prefix_model.safetensors`` — the prefix encoders (``<group>.<encoder parameter>``);
 - ``bottleneck_adapters.safetensors`` — the adapters (full module names).
 
@@ -40,7 +46,11 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 PREFIX_WEIGHTS = "prefix_model.safetensors"
 ADAPTER_WEIGHTS = "bottleneck_adapters.safetensors"
-FORMAT_VERSION = 1
+PEFT_SUBDIR = "peft_lora"  # where the PEFT files go when the checkpoint holds more than LoRA
+# Version 2 moved the PEFT files of a checkpoint with prefixes / adapters into PEFT_SUBDIR;
+# version 1 directories (PEFT files always at the top level) still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -234,11 +244,27 @@ def _check_peft_targets(model: nn.Module, peft: dict, names: list[str], file: Pa
 # ----------------------------------------------------------------------------- save
 
 
+def _relative(directory: str, name: str) -> str:
+    return name if directory == "." else f"{directory}/{name}"
+
+
+def _peft_directory(directory: Path, lora_info: dict) -> Path:
+    """Where a save_adapters checkpoint's PEFT files are (version 1 had no ``peft_directory``)."""
+    sub = lora_info.get("peft_directory", ".")
+    if sub not in (".", PEFT_SUBDIR):
+        raise ValueError(
+            f"{directory / CONFIG_NAME}: lora.peft_directory is {sub!r}, expected '.' or {PEFT_SUBDIR!r}"
+        )
+    return directory / sub
+
+
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's prefixes, LoRA layers and adapters to directory ``path``; returns it.
 
     Only the added parameters are written (never the base model). Files of a previous save
     that this one does not produce are removed, so the directory always describes one state.
+    The LoRA part is a PEFT checkpoint at the top level when LoRA is all there is, else in
+    ``peft_lora/`` (module docstring: so that PEFT-only loaders cannot load a part as the whole).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -283,9 +309,12 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         for name, layer in layers.items():
             tensors[_peft_key(name, "lora_A")] = layer.lora_A.weight
             tensors[_peft_key(name, "lora_B")] = layer.lora_B.weight
-        _write_tensors(out / LORA_WEIGHTS, tensors, {"format": "pt"})
-        _write_json(out / PEFT_CONFIG_NAME, peft_config)
+        peft_dir = "." if bank is None and spec is None else PEFT_SUBDIR
+        (out / peft_dir).mkdir(exist_ok=True)
+        _write_tensors(out / peft_dir / LORA_WEIGHTS, tensors, {"format": "pt"})
+        _write_json(out / peft_dir / PEFT_CONFIG_NAME, peft_config)
         config["lora"] = {
+            "peft_directory": peft_dir,
             "modules": {
                 n: {"r": m.r, "alpha": m.alpha, "in": m.in_features, "out": m.out_features}
                 for n, m in layers.items()
@@ -293,7 +322,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
             "dropout": peft_config["lora_dropout"],
             "use_rslora": peft_config["use_rslora"],
         }
-        written |= {LORA_WEIGHTS, PEFT_CONFIG_NAME}
+        written |= {_relative(peft_dir, LORA_WEIGHTS), _relative(peft_dir, PEFT_CONFIG_NAME)}
     if spec is not None:
         tensors = {
             f"{n}.{k}": v
@@ -305,9 +334,12 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         widths = {n: m.down.in_features for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
         config["adapter"] = {**spec, "modules": widths}
         written.add(ADAPTER_WEIGHTS)
-    for stale in (PREFIX_WEIGHTS, LORA_WEIGHTS, PEFT_CONFIG_NAME, ADAPTER_WEIGHTS):
+    peft_files = [_relative(d, f) for d in (".", PEFT_SUBDIR) for f in (LORA_WEIGHTS, PEFT_CONFIG_NAME)]
+    for stale in (PREFIX_WEIGHTS, ADAPTER_WEIGHTS, *peft_files):
         if stale not in written and (out / stale).exists():
             (out / stale).unlink()
+    if (out / PEFT_SUBDIR).is_dir() and not any((out / PEFT_SUBDIR).iterdir()):
+        (out / PEFT_SUBDIR).rmdir()
     config["files"] = sorted(written - {CONFIG_NAME})
     _write_json(out / CONFIG_NAME, config)
     return out
@@ -521,10 +553,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         freeze_base(model)
         return model
     config = _read_json(directory / CONFIG_NAME)
-    if config.get("format") != "ptpeft_adapters" or config.get("version") != FORMAT_VERSION:
+    if config.get("format") != "ptpeft_adapters" or config.get("version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{directory / CONFIG_NAME}: format {config.get('format')!r} version {config.get('version')!r} "
-            f"is not 'ptpeft_adapters' version {FORMAT_VERSION}"
+            f"is not 'ptpeft_adapters' version {' or '.join(map(str, READABLE_VERSIONS))}"
         )
     _check_family(family, config, directory / CONFIG_NAME)
     for name in config.get("files", []):
@@ -533,11 +565,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     # Structure first, before anything is added to the model: a refused load leaves it untouched.
     _check_sites(model, config, directory / CONFIG_NAME)
     if config.get("lora") is not None:
-        _check_lora_shapes(model, config["lora"]["modules"], directory / LORA_WEIGHTS)
+        peft_directory = _peft_directory(directory, config["lora"])
+        _check_lora_shapes(model, config["lora"]["modules"], peft_directory / LORA_WEIGHTS)
     if config.get("prefix") is not None:
         _load_prefix(model, config["prefix"], directory / PREFIX_WEIGHTS)
     if config.get("lora") is not None:
-        _load_lora(model, directory, config["lora"])
+        _load_lora(model, peft_directory, config["lora"])
     if config.get("adapter") is not None:
         _load_adapter(model, config["adapter"], directory / ADAPTER_WEIGHTS)
     freeze_base(model)

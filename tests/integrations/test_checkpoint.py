@@ -12,6 +12,7 @@ import ptpeft_kernels as pk
 from ptpeft_kernels.integrations import checkpoint as ckpt
 from ptpeft_kernels.integrations.stages import parameter_kinds
 from ptpeft_kernels.integrations.tiny import tiny_model
+from tests.file_tree import file_tree
 from tests.optional import require
 
 from .conftest import base_model, forward_inputs, randomize_added, valid_positions
@@ -29,11 +30,11 @@ def _everything(family):
 def test_round_trip_of_prefix_lora_and_adapters(family, tmp_path):
     model = _everything(family)
     pk.save_adapters(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted(
+    assert sorted(file_tree(tmp_path)) == sorted(
         [
             ckpt.CONFIG_NAME,
-            ckpt.PEFT_CONFIG_NAME,
-            ckpt.LORA_WEIGHTS,
+            f"{ckpt.PEFT_SUBDIR}/{ckpt.PEFT_CONFIG_NAME}",
+            f"{ckpt.PEFT_SUBDIR}/{ckpt.LORA_WEIGHTS}",
             ckpt.PREFIX_WEIGHTS,
             ckpt.ADAPTER_WEIGHTS,
         ]
@@ -127,7 +128,9 @@ def test_layer_count_and_shape_mismatches_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
-@pytest.mark.parametrize("name", [ckpt.PREFIX_WEIGHTS, ckpt.LORA_WEIGHTS, ckpt.ADAPTER_WEIGHTS])
+@pytest.mark.parametrize(
+    "name", [ckpt.PREFIX_WEIGHTS, f"{ckpt.PEFT_SUBDIR}/{ckpt.LORA_WEIGHTS}", ckpt.ADAPTER_WEIGHTS]
+)
 def test_corrupt_or_truncated_weight_files_give_a_clear_error(tmp_path, name, damage):
     _saved(tmp_path)
     path = tmp_path / name

@@ -16,11 +16,13 @@ import torch
 
 import ptpeft_kernels as pk
 from ptpeft_kernels.integrations.hf_save import base_state_dict
+from tests.file_tree import file_tree
 
 from .conftest import base_model, forward_inputs
 
 PT_PEFT_FILES = {"ptpeft_config.json", "prefix_model.safetensors"}
-LORA_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+# Beside prefixes, out of reach of from_pretrained / load_adapter (which would load the LoRA part alone).
+LORA_FILES = {"peft_lora/adapter_config.json", "peft_lora/adapter_model.safetensors"}
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 
 
@@ -39,10 +41,6 @@ def logits(model: torch.nn.Module, family: str) -> torch.Tensor:
         return model(**forward_inputs(family)).logits
 
 
-def files(path) -> set[str]:
-    return {p.name for p in path.iterdir()}
-
-
 def from_pretrained(model: torch.nn.Module, path):
     """``type(model).from_pretrained(path)`` and its loading report."""
     loaded, info = type(model).from_pretrained(path, output_loading_info=True)
@@ -56,7 +54,7 @@ def test_unmerged_parts_are_saved_as_adapters_and_load_back_exactly(family, tmp_
     model.save_pretrained(tmp_path)
     # The adapters only (transformers' and PEFT's convention for a model carrying adapters): no copy of the
     # frozen base, no prefix keys in a model.safetensors for from_pretrained to drop.
-    assert files(tmp_path) == PT_PEFT_FILES | LORA_FILES
+    assert file_tree(tmp_path) == PT_PEFT_FILES | LORA_FILES
     assert torch.equal(logits(pk.load_adapters(base_model(family), tmp_path), family), want)
 
 
@@ -64,7 +62,7 @@ def test_adapters_and_prefix_only_models_save_their_parts(tmp_path):
     model = perturbed(pk.apply_adapter(pk.apply_prefix(base_model("llava"), num_prefix=2), bottleneck=4))
     want = logits(model, "llava")
     model.save_pretrained(tmp_path)
-    assert files(tmp_path) == PT_PEFT_FILES | {"bottleneck_adapters.safetensors"}
+    assert file_tree(tmp_path) == PT_PEFT_FILES | {"bottleneck_adapters.safetensors"}
     assert torch.equal(logits(pk.load_adapters(base_model("llava"), tmp_path), "llava"), want)
 
 
@@ -75,7 +73,7 @@ def test_merged_lora_with_prefixes_round_trips_through_from_pretrained(family, t
     want = logits(model, family)
     with pytest.warns(UserWarning, match=r"from_pretrained loads the merged weights only.*load_adapters"):
         model.save_pretrained(tmp_path)
-    assert files(tmp_path) == MODEL_FILES | PT_PEFT_FILES
+    assert file_tree(tmp_path) == MODEL_FILES | PT_PEFT_FILES
     # transformers loads the merged model with nothing unexpected or missing (before: the prefixes were
     # in model.safetensors, reported UNEXPECTED and dropped, logits 0.56 apart)...
     merged, info = from_pretrained(model, tmp_path)
@@ -92,7 +90,7 @@ def test_merged_model_without_other_parts_is_a_plain_checkpoint(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left to warn about
         model.save_pretrained(tmp_path)
-    assert files(tmp_path) == MODEL_FILES
+    assert file_tree(tmp_path) == MODEL_FILES
     merged, info = from_pretrained(model, tmp_path)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     assert torch.equal(logits(merged, "llava"), want)
@@ -103,7 +101,7 @@ def test_merged_but_kept_lora_saves_the_unmerged_adapters(tmp_path):
     want = logits(model, "llava")  # the unmerged computation
     pk.merge_lora(model, unload=False)
     model.save_pretrained(tmp_path)
-    assert files(tmp_path) == PT_PEFT_FILES | LORA_FILES
+    assert file_tree(tmp_path) == PT_PEFT_FILES | LORA_FILES
     assert torch.equal(logits(pk.load_adapters(base_model("llava"), tmp_path), "llava"), want)
 
 

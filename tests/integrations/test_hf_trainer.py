@@ -14,13 +14,14 @@ import torch
 import ptpeft_kernels as pk
 from ptpeft_kernels.integrations.hf_trainer import checkpointing_argument
 from ptpeft_kernels.integrations.tiny import IMAGE_TOKEN, tiny_inputs, tiny_model
+from tests.file_tree import file_tree
 
 FAMILIES = ["llava", "blip2"]
 CHECKPOINT_FILES = {
     "ptpeft_config.json",
     "prefix_model.safetensors",
-    "adapter_config.json",
-    "adapter_model.safetensors",
+    "peft_lora/adapter_config.json",
+    "peft_lora/adapter_model.safetensors",
     "optimizer.pt",
     "scheduler.pt",
     "rng_state.pth",
@@ -119,7 +120,7 @@ def test_checkpoints_hold_the_adapters_and_trainer_state_not_the_base(uninterrup
     # is_activation_checkpointing (5.23+) / is_gradient_checkpointing (deprecated there) read this flag
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == gc
     for step in (3, 6):
-        assert {p.name for p in (out / "run" / f"checkpoint-{step}").iterdir()} == CHECKPOINT_FILES
+        assert file_tree(out / "run" / f"checkpoint-{step}") == CHECKPOINT_FILES
     # The last checkpoint holds exactly the trained adapters: loaded into a fresh base, it is the model.
     assert_same_parameters(pk.load_adapters(tiny_model(family), out / "run" / "checkpoint-6"), model)
     # Training moved the prefixes and LoRA (prefix gradients flow through checkpointed layers), not the base.
@@ -209,7 +210,7 @@ def test_two_stages_on_one_trainer(tmp_path):
     assert all(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, pk.LoRALinear))
     plain = pk.integrations.hf_save.base_state_dict(model)
     assert plain.keys() == base.keys() and all(torch.equal(plain[k], base[k]) for k in base)
-    assert {p.name for p in (tmp_path / "stage2" / "checkpoint-3").iterdir()} == CHECKPOINT_FILES
+    assert file_tree(tmp_path / "stage2" / "checkpoint-3") == CHECKPOINT_FILES
 
 
 def test_trainer_refuses_a_trainable_base_with_ptpeft_parts(tmp_path):

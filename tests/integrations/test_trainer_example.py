@@ -17,13 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.file_tree import file_tree
 from tests.optional import require
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "python" / "trainer_ptpeft.py"
 # Two steps per stage, a checkpoint after every step; the DDP run splits each batch of 4 over two processes.
 ARGS = ["--stage1-steps", "2", "--stage2-steps", "2", "--save-steps", "1"]
-WEIGHTS = ("prefix_model.safetensors", "adapter_model.safetensors")
+WEIGHTS = ("prefix_model.safetensors", "peft_lora/adapter_model.safetensors")
 
 
 def adapters(path: Path) -> dict[str, torch.Tensor]:
@@ -53,15 +54,15 @@ def single(tmp_path_factory):
 def test_example_trains_both_stages_and_saves_the_adapters(single):
     out, result = single
     assert result["world_size"] == 1
-    assert {p.name for p in result["adapters"].iterdir()} == {
+    assert file_tree(result["adapters"]) == {
         "ptpeft_config.json",
         "prefix_model.safetensors",
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "peft_lora/adapter_config.json",
+        "peft_lora/adapter_model.safetensors",
         "training_args.bin",
     }
     # Stage 1 trained the prefixes only (its checkpoints have no LoRA), stage 2 both.
-    assert not (out / "stage1" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert not any("adapter_model" in f for f in file_tree(out / "stage1" / "checkpoint-2"))
     stage1 = load_file(str(out / "stage1" / "checkpoint-2" / "prefix_model.safetensors"))
     final = load_file(str(result["adapters"] / "prefix_model.safetensors"))
     assert all(not torch.equal(stage1[k], final[k]) for k in stage1)

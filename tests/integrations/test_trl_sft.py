@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import ptpeft_kernels as pk
+from tests.file_tree import file_tree
 from tests.optional import require
 
 from ..train.tiny_families import build_llava
@@ -79,8 +80,8 @@ def test_sft_trainer_trains_checkpoints_and_resumes_exactly(llava, tmp_path):
     model, trainer = sft_run(path, processor, tmp_path / "a")
     assert isinstance(trainer.data_collator, DataCollatorForVisionLanguageModeling)
     checkpoint = tmp_path / "a" / "checkpoint-2"
-    names = {p.name for p in checkpoint.iterdir()}
-    assert {"ptpeft_config.json", "prefix_model.safetensors", "adapter_model.safetensors"} <= names
+    names = file_tree(checkpoint)
+    assert {"ptpeft_config.json", "prefix_model.safetensors", "peft_lora/adapter_model.safetensors"} <= names
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= names
     assert "model.safetensors" not in names
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -28,5 +28,5 @@ def test_readme_section_runs_as_written(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["tokens"].shape == (2, 16 + 8 + 8)
-    assert (tmp_path / "run" / "adapters" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "adapters" / "peft_lora" / "adapter_config.json").is_file()
     assert not any(isinstance(m, namespace["pk"].LoRALinear) for m in namespace["model"].modules())

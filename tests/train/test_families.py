@@ -93,4 +93,4 @@ def test_family_trains_and_evaluates(checkpoint, tiny_assets, tmp_path, task, mo
     )
     assert report["complete"] and [s["name"] for s in report["stages"]] == ["stage1-prefix", "stage2-lora"]
     assert json.loads((out / "config.json").read_text())["model"] == str(path)
-    assert (out / "stage2-lora" / "adapter_config.json").is_file()
+    assert (out / "stage2-lora" / "peft_lora" / "adapter_config.json").is_file()
