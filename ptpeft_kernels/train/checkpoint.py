@@ -154,11 +154,18 @@ def save_checkpoint(
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    return commit_checkpoint(tmp, final, keep)
+
+
+def commit_checkpoint(tmp: Path, final: Path, keep: int) -> Path:
+    """Rename the flushed folder ``tmp`` into place as ``final``, point ``latest`` at it, then drop
+    all but the ``keep`` newest ``step-*`` folders; returns ``final``. Both checkpoint kinds end so."""
+    root = final.parent
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    atomic_write_text(root / LATEST, name + "\n")
+    atomic_write_text(root / LATEST, final.name + "\n")
     _fsync_dir(root)
     # Older complete checkpoints go only after ``latest`` names the new one.
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p != final)
@@ -194,8 +201,9 @@ class Checkpoint:
         set_rng_state(self.rng_tensors, self.state["rng"])
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
-    """The newest complete checkpoint of ``run_dir``, or ``None`` if it has none."""
+def latest_checkpoint_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The directory ``run_dir``'s ``latest`` pointer names (plain and sharded checkpoints alike),
+    or ``None`` if it has no checkpoint yet."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / LATEST
     if not pointer.is_file():
@@ -204,16 +212,22 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
     path = root / name
     if not path.is_dir():
         raise ValueError(f"--resume: {pointer} names {name}, which does not exist")
-    return Checkpoint(path)
+    return path
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
+    """The newest complete checkpoint of ``run_dir``, or ``None`` if it has none."""
+    path = latest_checkpoint_dir(run_dir)
+    return None if path is None else Checkpoint(path)
 
 
 def read_latest_state(run_dir: str | os.PathLike) -> dict | None:
     """The ``state.json`` of the newest checkpoint of ``run_dir`` (``None``: no checkpoint yet),
     without loading its tensors."""
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
+    path = latest_checkpoint_dir(run_dir)
+    if path is None:
         return None
-    state_file = pointer.parent / pointer.read_text().strip() / "state.json"
+    state_file = path / "state.json"
     try:
         return json.loads(state_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import LATEST, _fsync_dir, atomic_write_text, rng_state, set_rng_state
+from .checkpoint import _fsync_dir, commit_checkpoint, latest_checkpoint_dir, rng_state, set_rng_state
 
 
 def _barrier() -> None:
@@ -94,15 +94,7 @@ def save_sharded(
         with open(tmp / "state.json", "w") as fh:
             json.dump(full_state, fh)
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        atomic_write_text(root / LATEST, name + "\n")
-        _fsync_dir(root)
-        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p != final)
-        for old in done[: max(0, len(done) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_checkpoint(tmp, final, keep)
     _barrier()
     return final
 
@@ -162,12 +154,5 @@ class ShardedCheckpoint:
 
 
 def latest_sharded_checkpoint(run_dir: str | os.PathLike) -> ShardedCheckpoint | None:
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    path = root / name
-    if not path.is_dir():
-        raise ValueError(f"--resume: {pointer} names {name}, which does not exist")
-    return ShardedCheckpoint(path)
+    path = latest_checkpoint_dir(run_dir)
+    return None if path is None else ShardedCheckpoint(path)
