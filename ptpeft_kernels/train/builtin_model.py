@@ -155,26 +155,10 @@ def default_cache_dir() -> Path:
 
 def build_tokenizer():
     """A word-level fast tokenizer over the synthetic vocabulary (BOS prepended, no EOS)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from .word_tokenizer import word_level_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + synthetic.vocabulary())}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tk.add_special_tokens(list(SPECIAL_TOKENS))
-    tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="right",
-        model_max_length=512,
+    return word_level_tokenizer(
+        list(SPECIAL_TOKENS), synthetic.vocabulary(), unk="<unk>", pad="<pad>", bos="<s>", eos="</s>"
     )
 
 

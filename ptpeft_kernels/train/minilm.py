@@ -86,27 +86,10 @@ def weights_dir() -> Path:
 def build_tokenizer(words: list[str]):
     """A word-level fast tokenizer over ``words`` with BERT's special tokens ([CLS] first, as BERT
     always saw it), lower-casing like BERT's uncased tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from .word_tokenizer import word_level_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate([*SPECIALS, IMAGE_TOKEN, *words])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tk.add_special_tokens([*SPECIALS, IMAGE_TOKEN])
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", vocab["[CLS]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[CLS]",
-        eos_token="[SEP]",
-        padding_side="right",
-        model_max_length=512,
+    return word_level_tokenizer(
+        [*SPECIALS, IMAGE_TOKEN], words, unk="[UNK]", pad="[PAD]", bos="[CLS]", eos="[SEP]", lowercase=True
     )
 
 
