@@ -993,4 +993,21 @@ MUTANTS: list[Mutant] = [
         ("tests/integrations/test_peft_layout.py::test_a_peft_directory_outside_the_layout_is_refused",),
         "a damaged ptpeft_config.json makes load_adapters read LoRA files from outside the checkpoint",
     ),
+    # ---- Triton config families (2026-12-03): 99 KB consumer GPUs took other families' tiles
+    Mutant(
+        "consumer-blackwell-takes-hopper-tiles",
+        "ptpeft_kernels/ops/triton_impl/configs.py",
+        "if (9, 0) <= capability < (12, 0):",
+        "if capability >= (9, 0):",
+        ("tests/ops/test_triton_launch.py::test_every_shape_class_has_a_named_default_per_architecture",),
+        "an RTX 50 (sm_120, 99 KB) launches sm_90's tiles: OutOfResources with PTPEFT_AUTOTUNE=0",
+    ),
+    Mutant(
+        "compile-check-full-run-dies",
+        "ptpeft_kernels/ops/triton_impl/compile_check.py",
+        'if v.kernel not in ATTN_TABLES and v.kernel != "gemm":',
+        "if False:",
+        ("tests/ops/test_triton_compile_check.py::test_every_variant_of_the_full_run_names_its_tiles",),
+        "the full compile_check run crashes at the dropout-mask variant and never writes its table",
+    ),
 ]

@@ -75,6 +75,30 @@ def test_variants_cover_every_config_class(quick, arch):
         assert {v.flags for v in todo if v.kernel in cc.ATTN_TABLES} == {cc.HEAVY_ATTN}
 
 
+@pytest.mark.parametrize("target,family", [(86, 86), (89, 86), (120, 86), (80, 80), (90, 90)])
+def test_a_compile_target_compiles_its_familys_configs(target, family):
+    """sm_89 / sm_120 launch family 86's tiles (arch_family), so that is what they must compile."""
+    compiled = {
+        (v.kernel, _dclass(v.dtype), configs.head_class(cc._block_d(v.head_dim)), v.tiles)
+        for v in cc.variants(False, target)
+    }
+    for kernel, table in cc.ATTN_TABLES.items():
+        for (dclass, bucket), tiles in table.items():
+            for t in tiles:
+                got = (kernel, dclass, bucket, t.name) in compiled
+                assert got == (family in t.archs), (kernel, dclass, bucket, t.name, target)
+    assert SHARED_LIMIT[target] == {80: 163, 86: 99, 89: 99, 90: 227, 120: 99}[target] * 1024
+
+
+@pytest.mark.parametrize("arch", configs.ARCHS)
+def test_every_variant_of_the_full_run_names_its_tiles(arch):
+    """The full run crashed at its last variant (keep_mask: dtype "-") before writing the table."""
+    for v in cc.variants(False, arch):
+        tiles = cc._tiles_of(v)
+        assert (tiles is None) == (v.tiles == "-"), v
+        assert tiles is None or tiles.name == v.tiles
+
+
 def _dclass(dtype):
     return "fp32" if dtype == "float32" else "16bit"
 

@@ -94,7 +94,9 @@ def test_every_shape_class_has_a_named_default_per_architecture():
         for tiles in table.values():
             assert len({t.name for t in tiles}) == len(tiles)
             assert all(configs.for_arch(tiles, arch) for arch in configs.ARCHS)
-    assert configs.arch_family((8, 0)) == configs.arch_family((8, 9)) == 80
+    # By code generation and shared memory per block: 163 KB, 99 KB (consumer GPUs), 227 KB.
+    assert configs.arch_family((8, 0)) == configs.arch_family((8, 7)) == 80
+    assert configs.arch_family((8, 6)) == configs.arch_family((8, 9)) == configs.arch_family((12, 0)) == 86
     assert configs.arch_family((9, 0)) == configs.arch_family((10, 0)) == 90
     for d, bucket in ((16, 64), (40, 64), (64, 64), (80, 128), (128, 128)):
         block_d = max(16, 1 << (d - 1).bit_length())

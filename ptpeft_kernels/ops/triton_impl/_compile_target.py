@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 # Shared memory one block may use after opting in (cudaDevAttrMaxSharedMemoryPerBlockOptin), per
 # the CUDA C++ Programming Guide's compute-capability table: 8.0 (A100) 163 KB, 8.6 / 8.9 99 KB,
-# 9.0 (H100 / H200) 227 KB. Triton refuses a launch above it (OutOfResources).
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# 9.0 (H100 / H200) 227 KB, 12.0 (consumer Blackwell) 99 KB. Triton refuses a launch above it
+# (OutOfResources).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 MAX_REGISTERS = 255  # per thread, every architecture here; a kernel at the cap usually spills
 
 

@@ -1,12 +1,15 @@
-"""Compile (never launch) every launchable Triton kernel variant for sm_80 / sm_90 and check its resources.
+"""Compile (never launch) every launchable Triton kernel variant for sm_80 / 86 / 90 and check its resources.
 
-    python -m ptpeft_kernels.ops.triton_impl.compile_check [--arch 80 90] [--quick] [--csv PATH] [--jobs N]
+    python -m ptpeft_kernels.ops.triton_impl.compile_check [--arch 80 86 90] [--quick] [--csv PATH] [--jobs N]
 
 The CPU interpreter accepts code the GPU compiler rejects (dot shapes, layouts, shared memory)
 and never shows register spills, and CI has no GPU. This compiles each variant with Triton's real
 NVIDIA back end and ptxas (see ``_compile_target``), records registers, spill bytes, stack and
 shared memory per variant, and exits non-zero when a variant fails to compile, needs more shared
 memory than the architecture lets one block have, or spills more than ``--max-spill`` bytes.
+
+An ``--arch`` is a compile target; it compiles the configs of its family (``configs.arch_family``:
+``--arch 120`` compiles family 86's for sm_120 against sm_120's limit).
 
 Variants: every (kernel, dtype class, head-dim bucket, tile config) listed for the architecture, at
 the kernel's heaviest flags (causal with a full mask for attention; the LoRA output and the adapter
@@ -102,29 +105,30 @@ def _dclass(dtype: str) -> str:
 def _tiles_of(v: Variant):
     import torch
 
+    if v.kernel not in ATTN_TABLES and v.kernel != "gemm":
+        return None  # no config table (keep_mask's dtype is "-", not a torch dtype)
     dtype = getattr(torch, v.dtype)
     if v.kernel in ATTN_TABLES:
         block_d = _block_d(v.head_dim)
         options = C.attention_tiles(ATTN_TABLES[v.kernel], dtype, block_d)
-    elif v.kernel == "gemm":
-        options = C.GEMM[C.dtype_class(dtype)]
     else:
-        return None
+        options = C.GEMM[C.dtype_class(dtype)]
     return next(t for t in options if t.name == v.tiles)
 
 
 def variants(quick: bool, arch: int) -> list[Variant]:
-    """The variants to compile for ``sm_<arch>`` (only the configs listed for that architecture).
+    """The variants to compile for ``sm_<arch>`` (only the configs listed for that architecture's family).
 
     Full: every config at head dims 64 and 128 in bf16 and fp32 at the heaviest flags; at each
     class's default config also fp16, the other flag settings, and head dims 16, 32, 40, 80 (smaller
     or masked head-dim tiles of the same class). Quick (CI): each class's default at the heaviest flags.
     """
+    family = C.arch_family((arch // 10, arch % 10))
     out: list[Variant] = []
     for kernel, table in ATTN_TABLES.items():
         for dtype in QUICK_DTYPES if quick else DTYPES:
             for d in (64, 128) if quick else BUCKET_DIMS + ODD_DIMS:
-                tiles = C.for_arch(table[(_dclass(dtype), C.head_class(_block_d(d)))], arch)
+                tiles = C.for_arch(table[(_dclass(dtype), C.head_class(_block_d(d)))], family)
                 for i, t in enumerate(tiles):
                     default = i == 0
                     every_config = d in (64, 128) and dtype != "float16"
@@ -139,7 +143,7 @@ def variants(quick: bool, arch: int) -> list[Variant]:
             out.append(Variant("decode_merge", dtype, d, "-", "-"))
     heavy_gemm = ["lora y", "adapter up gelu_tanh"]
     for dtype in QUICK_DTYPES if quick else DTYPES:
-        for i, t in enumerate(C.for_arch(C.GEMM[_dclass(dtype)], arch)):
+        for i, t in enumerate(C.for_arch(C.GEMM[_dclass(dtype)], family)):
             if i > 0 and (quick or dtype == "float16"):
                 continue
             for f in GEMM_FLAGS if i == 0 and not quick else heavy_gemm:
@@ -340,7 +344,9 @@ def write_csv(path: Path, rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities x 10")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(C.ARCHS),
+                        help="compile targets, compute capability x 10 (each compiles its family's "
+                        "configs)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="the default config per class (CI subset)")
     parser.add_argument("--csv", type=Path, default=None,
                         help="where to write the table (default: benchmarks/results/triton_resources.csv "

@@ -6,9 +6,10 @@ attention, the head-dim bucket (``BLOCK_D`` <= 64, or 128). Autotuning times the
 ``PTPEFT_AUTOTUNE=0`` every launch uses the class default instead, so one compile per kernel variant
 serves a whole GPU validation run.
 
-Every config compiles for the architectures it lists (sm_80 and/or sm_90; a launch uses the list of
-its device's family) within the shared-memory limit and without register spills
-(``python -m ptpeft_kernels.ops.triton_impl.compile_check`` checks it; the figures are in
+Every config compiles for the families it lists (80, 86, 90: ``arch_family``; a launch uses the list
+of its device's family) within the shared-memory limit, and without register spills at the heaviest
+flags (``python -m ptpeft_kernels.ops.triton_impl.compile_check`` checks it; the figures, and the
+spills the full run finds at other flags and head dims, are in
 ``benchmarks/results/triton_resources.csv``). None is timed on a GPU yet: the lists are the usual
 Ampere/Hopper flash-attention and GEMM tiles, cut to what fits.
 """
@@ -37,10 +38,12 @@ def autotune_enabled() -> bool:
     return shared()
 
 
-# The architectures every config is compiled and resource-checked for; a config that spills on one
-# of them lists only the other. sm_80 (A100: mma.sync, operands in registers) and sm_90 (H100/H200:
-# wgmma, operands from shared memory) differ enough that each has tiles the other cannot hold.
-ARCHS = (80, 90)
+# The config families every config is compiled and resource-checked for (arch_family maps a GPU to
+# one); a config that spills or overflows shared memory on one lists only the others. sm_80 (A100:
+# mma.sync, operands in registers) and sm_90 (H100/H200: wgmma, operands from shared memory) differ
+# enough that each has tiles the other cannot hold; 86 is sm_80's code with 99 KB of shared memory per
+# block instead of 163 KB (RTX 30 / 40, A10, L4, L40S, and consumer Blackwell, sm_120).
+ARCHS = (80, 86, 90)
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,9 @@ def _dec(n: int, w: int, s: int, archs: tuple[int, ...] = ARCHS) -> Tiles:
     return Tiles(f"n{n}w{w}s{s}", {"BLOCK_N": n}, w, s, archs)
 
 
-def _gemm(m: int, n: int, k: int, w: int, s: int) -> Tiles:
-    return Tiles(f"m{m}n{n}k{k}w{w}s{s}", {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, w, s)
+def _gemm(m: int, n: int, k: int, w: int, s: int, archs: tuple[int, ...] = ARCHS) -> Tiles:
+    blocks = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}
+    return Tiles(f"m{m}n{n}k{k}w{w}s{s}", blocks, w, s, archs)
 
 
 # The tables below keep only configs that compile for their architectures without a register spill
@@ -107,25 +111,30 @@ ATTN_FWD: dict[tuple[str, int], list[Tiles]] = {
                      _fwd(64, 64, 4, 3, (90,)), _fwd(64, 32, 4, 3)],
     ("fp32", 64): [_fwd(32, 32, 8, 2),  # 75 / 116
                    _fwd(16, 64, 4, 2), _fwd(32, 32, 4, 2), _fwd(16, 32, 4, 2)],
-    ("fp32", 128): [_fwd(32, 32, 8, 1),  # 210 / 198
-                    _fwd(16, 32, 8, 2), _fwd(16, 32, 4, 1)],
+    # Family 86: m32n32w8s1 spills 28 B at d80 and m16n32w8s2 4 B at d128 on sm_86; m16n32w4s1 is clean.
+    ("fp32", 128): [_fwd(32, 32, 8, 1, (80, 90)),  # 210 / 198
+                    _fwd(16, 32, 8, 2, (80, 90)), _fwd(16, 32, 4, 1)],
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------- attention backward
 # Key-tile programs (M1 x N1) want wide key tiles and short query steps, query-tile programs
 # (M2 x N2) the reverse; one launch holds both, so one config sets both.
 ATTN_BWD: dict[tuple[str, int], list[Tiles]] = {
+    # Family 86 defaults (sm_86, 2026-12-03, every flag setting and head dim of the class): 16-bit D<=64
+    # kv16x32-q32x16w4s3 and D=128 kv16x32-q32x16w4s2 compile clean where the other families' defaults
+    # spill 4 B (d16, d80); fp32 D<=64 kv16x16-q16x16w4s2, where every other candidate spilled 32-156 B
+    # at D=64 / 40 (it spills 24 B at d16 with a full mask); fp32 D=128 kv16x32-q32x16w4s1 (clean).
     ("16bit", 64): [_bwd(32, 64, 64, 32, 8, 3, (90,)),  # sm_90 228
-                    _bwd(16, 32, 32, 16, 4, 2),  # 216 / 220: the sm_80 default
+                    _bwd(16, 32, 32, 16, 4, 2, (80, 90)),  # 216 / 220: the sm_80 default
                     _bwd(16, 64, 64, 16, 4, 3, (90,)), _bwd(32, 128, 128, 32, 8, 3, (90,)),
-                    _bwd(16, 32, 32, 16, 4, 3, (80,))],
-    ("16bit", 128): [_bwd(16, 64, 64, 16, 8, 2),  # 243 / 254
-                     _bwd(16, 32, 32, 16, 4, 2), _bwd(32, 64, 64, 32, 8, 1, (80,))],
-    ("fp32", 64): [_bwd(32, 32, 32, 32, 8, 2),  # 192 / 184
+                    _bwd(16, 32, 32, 16, 4, 3, (80, 86))],
+    ("16bit", 128): [_bwd(16, 64, 64, 16, 8, 2, (80, 90)),  # 243 / 254
+                     _bwd(16, 32, 32, 16, 4, 2), _bwd(32, 64, 64, 32, 8, 1, (80, 86))],
+    ("fp32", 64): [_bwd(32, 32, 32, 32, 8, 2, (80, 90)),  # 192 / 184
                    _bwd(16, 32, 32, 16, 8, 2, (90,)), _bwd(16, 32, 32, 16, 4, 2, (90,)),
-                   _bwd(16, 64, 64, 16, 8, 2, (80,))],
-    ("fp32", 128): [_bwd(32, 32, 32, 32, 8, 1),  # 166 / 164
-                    _bwd(16, 32, 32, 16, 4, 1), _bwd(16, 16, 16, 16, 4, 1)],
+                   _bwd(16, 64, 64, 16, 8, 2, (80,)), _bwd(16, 16, 16, 16, 4, 2, (86,))],
+    ("fp32", 128): [_bwd(32, 32, 32, 32, 8, 1, (80, 90)),  # 166 / 164
+                    _bwd(16, 32, 32, 16, 4, 1), _bwd(16, 16, 16, 16, 4, 1, (80, 90))],
 }  # fmt: skip
 
 # ----------------------------------------------------------------------------- small-N (decode) forward
@@ -134,8 +143,11 @@ DECODE_BLOCK_M = 16
 ATTN_DECODE: dict[tuple[str, int], list[Tiles]] = {
     ("16bit", 64): [_dec(64, 4, 2),  # 128 / 101
                     _dec(128, 4, 3), _dec(32, 4, 3), _dec(64, 2, 3)],
-    ("16bit", 128): [_dec(64, 4, 3),  # 128 / 110
-                     _dec(128, 8, 3), _dec(128, 4, 2), _dec(32, 4, 4, (80,))],
+    # Family 86 (99 KB): without a mask the key loops pipeline num_stages K/V buffers each, and every
+    # config above needs 103-270 KB there (sm_86, 2026-12-03); two stages of 64 or 32 keys fit.
+    ("16bit", 128): [_dec(64, 4, 3, (80, 90)),  # 128 / 110
+                     _dec(128, 8, 3, (80, 90)), _dec(128, 4, 2, (80, 90)), _dec(32, 4, 4, (80,)),
+                     _dec(64, 4, 2, (86,)), _dec(32, 4, 2, (86,))],
     ("fp32", 64): [_dec(32, 8, 2),  # 64 / 67
                    _dec(64, 8, 2), _dec(16, 4, 2), _dec(32, 4, 2)],
     ("fp32", 128): [_dec(32, 8, 2),  # 64 / 70
@@ -148,7 +160,8 @@ DECODE_KEY_QUANTUM = 128
 # ----------------------------------------------------------------------------- GEMM (LoRA, adapter)
 # Large square tiles for the big GEMMs, narrow ones for the rank-r products (pruned by output width).
 GEMM: dict[str, list[Tiles]] = {
-    "16bit": [_gemm(128, 128, 64, 8, 3), _gemm(128, 64, 64, 4, 4), _gemm(64, 128, 64, 4, 4),
+    # 128x64 spills 160 B on sm_80 with the adapter's GELU-tanh epilogue (full compile_check, 2026-12-03).
+    "16bit": [_gemm(128, 128, 64, 8, 3), _gemm(128, 64, 64, 4, 4, (86, 90)), _gemm(64, 128, 64, 4, 4),
               _gemm(64, 64, 64, 4, 3), _gemm(128, 32, 64, 4, 4), _gemm(64, 32, 128, 4, 3),
               _gemm(32, 32, 128, 4, 3)],
     "fp32": [_gemm(64, 64, 32, 4, 2), _gemm(128, 64, 32, 8, 2), _gemm(64, 32, 32, 4, 3),
@@ -174,8 +187,21 @@ def attention_tiles(table: dict, dtype: torch.dtype, block_d: int) -> list[Tiles
 
 
 def arch_family(capability: tuple[int, int]) -> int:
-    """The config family of a compute capability: 90 from Hopper on, else 80 (only these two are checked)."""
-    return 90 if tuple(capability) >= (9, 0) else 80
+    """The config family of a compute capability, by the code Triton generates and the shared memory a
+    block may use (the CUDA C++ Programming Guide's compute-capability table):
+
+    - 90: Hopper and data-centre Blackwell (9.x, 10.x, 11.x; 227 KB);
+    - 80: A100 and Jetson Orin (8.0, 8.7; 163 KB);
+    - 86: the rest (8.6, 8.9, consumer Blackwell 12.x; 99 KB, Ampere-style mma.sync). Before this family
+      existed, 8.6 / 8.9 took sm_80's tiles and 12.x sm_90's, some needing more shared memory than
+      those GPUs have (Triton's autotuner skips such a config; with PTPEFT_AUTOTUNE=0 the launch failed).
+    """
+    capability = tuple(capability)
+    if (9, 0) <= capability < (12, 0):
+        return 90
+    if capability in ((8, 0), (8, 7)):
+        return 80
+    return 86
 
 
 def for_arch(tiles: list[Tiles], arch: int) -> list[Tiles]:
