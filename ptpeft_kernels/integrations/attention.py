@@ -344,7 +344,8 @@ def _bypassing_configs(model: nn.Module) -> dict[int, list[str]]:
 
     Such modules never call the registry, but the model still builds their masks for the
     configured implementation: switched to "ptpeft" they would be handed a boolean mask where
-    they add a float one (Falcon, Bloom, MPT, GIT's text decoder: logits change silently).
+    they add a float one (Bloom, MPT, GIT's text decoder, Falcon before transformers 5.25: logits
+    change silently).
     """
     from transformers import PretrainedConfig
 

@@ -59,7 +59,7 @@ SPECS: dict[str, tuple[str, str, dict, tuple[int, int, int] | None]] = {
         "FalconConfig",
         "FalconForCausalLM",
         dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
-        None,
+        (4, 1, 8),  # multi-query by default
     ),
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=32, n_layer=2, n_head=4), None),
     "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64), None),
@@ -81,11 +81,16 @@ SPECS: dict[str, tuple[str, str, dict, tuple[int, int, int] | None]] = {
         (4, 2, 8),
     ),
 }
-FUSED = ["phi3", "gpt_neox", "gpt2", "gpt_bigcode", "codegen", "persimmon"]
-BYPASSING = ["falcon", "bloom", "mpt"]
+FUSED = ["phi3", "gpt_neox", "gpt2", "gpt_bigcode", "codegen", "persimmon", "falcon"]
+BYPASSING = ["bloom", "mpt"]
 # The transformers release from which a FUSED family dispatches through AttentionInterface; before it
 # the family computes attention itself, like the BYPASSING ones (read in each release's modeling file).
-ROUTED_SINCE = {"codegen": (5, 24)}
+ROUTED_SINCE = {"codegen": (5, 24), "falcon": (5, 25)}
+
+
+def bypassing() -> list[str]:
+    """The families whose attention the installed transformers does not route through its registry."""
+    return [*BYPASSING, *(f for f in ROUTED_SINCE if not routes_attention(f))]
 
 
 def routes_attention(family: str) -> bool:
