@@ -98,6 +98,11 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     # A caller that set up the process group itself (reproduce under torchrun, several runs) keeps it.
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist = D.setup(cfg.device)
+    if not owns_group:
+        # The caller's group runs several trainings in a row (reproduce under torchrun), with no
+        # rendezvous between them: without this, rank 0 could write this run's config.json before a
+        # slower rank had checked that the directory is new, and that rank refused the run (seen in CI).
+        D.barrier(dist)  # every rank has checked the output directory
     if dist.device.type == "cpu" and cfg.dtype == "float16":
         D.teardown()
         raise ValueError(

@@ -81,3 +81,49 @@ def test_batch_must_split_evenly(tmp_path, tiny_assets):
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="torchrun test written for Linux")
+
+
+def _late_rank(rank: int, port: int, out: str, cache: str, delay: float, errors) -> None:
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), PTPEFT_CACHE=cache, OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # the caller owns the group, as reproduce does under torchrun
+    try:
+        if rank == 1:
+            time.sleep(delay)  # rank 0 reaches the run first
+        train([*COMMON, "--steps", "1", "--output-dir", out, "--quiet", "--num-workers", "0"])
+    except Exception as exc:
+        errors.put(f"rank {rank}: {exc}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_arrives_late_in_the_callers_group_still_runs(tmp_path, tiny_assets, cache_dir):
+    """Rank 0 wrote config.json before the late rank checked that the output directory was new, and
+    the late rank refused the run ("already holds a run"): reproduce under torchrun failed in CI."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [
+        ctx.Process(target=_late_rank, args=(r, port, str(tmp_path / "run"), str(cache_dir), 8.0, errors))
+        for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    found = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert not found, found
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["world_size"] == 2
