@@ -1,7 +1,8 @@
 """The keywords transformers hands an attention function, and what the ``"ptpeft"`` one does with each.
 
 Audited against transformers 5.24 (``sdpa_attention_forward``, ``eager_attention_forward``, the
-flash / flex paths, and every ``attention_interface(...)`` call in the model files). Each keyword
+flash / flex paths, and every ``attention_interface(...)`` call in the model files; in 5.25's model
+files every keyword those calls name is listed here, checked 2026-12-03). Each keyword
 is *honoured* (the fused kernel computes it, or the SDPA / explicit-scores fallback does, with a
 one-time warning), *inert* (listed below with the reason it cannot change the result), or
 *refused* with an error. Anything else that carries a value gets a one-time warning naming it —
