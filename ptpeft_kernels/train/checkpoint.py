@@ -149,17 +149,23 @@ def save_checkpoint(
     }
     with open(tmp / "state.json", "w") as fh:
         json.dump(full_state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
     return commit_checkpoint(tmp, final, keep)
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush every file directly in ``path``, then ``path`` itself (its entries)."""
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
 def commit_checkpoint(tmp: Path, final: Path, keep: int) -> Path:
-    """Rename the flushed folder ``tmp`` into place as ``final``, point ``latest`` at it, then drop
-    all but the ``keep`` newest ``step-*`` folders; returns ``final``. Both checkpoint kinds end so."""
+    """Flush the written folder ``tmp``, rename it into place as ``final``, point ``latest`` at it,
+    then drop all but the ``keep`` newest ``step-*`` folders; returns ``final``. Both checkpoint
+    kinds end so."""
+    fsync_tree(tmp)
     root = final.parent
     if final.exists():
         shutil.rmtree(final)

@@ -29,20 +29,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import _fsync_dir, commit_checkpoint, latest_checkpoint_dir, rng_state, set_rng_state
+from .checkpoint import commit_checkpoint, latest_checkpoint_dir, rng_state, set_rng_state
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
 
 
 def save_sharded(
@@ -93,7 +85,6 @@ def save_sharded(
         }
         with open(tmp / "state.json", "w") as fh:
             json.dump(full_state, fh)
-        _fsync_tree(tmp)
         commit_checkpoint(tmp, final, keep)
     _barrier()
     return final

@@ -79,10 +79,6 @@ def test_batch_must_split_evenly(tmp_path, tiny_assets):
     assert not (tmp_path / "r").exists()
 
 
-if sys.platform != "linux":  # pragma: no cover
-    pytestmark = pytest.mark.skip(reason="torchrun test written for Linux")
-
-
 def _late_rank(rank: int, port: int, out: str, cache: str, delay: float, errors) -> None:
     import os
     import time
@@ -127,3 +123,7 @@ def test_a_rank_that_arrives_late_in_the_callers_group_still_runs(tmp_path, tiny
     assert not found, found
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["world_size"] == 2
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="torchrun test written for Linux")
